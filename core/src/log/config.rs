@@ -1,0 +1,62 @@
+//! Per-partition log settings, with the defaults a topic gets when it names none.
+
+/// When appended data is made durable with fdatasync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Every append waits for a sync; appends that arrive while a sync runs
+    /// share the next one (group commit).
+    EveryBatch,
+    /// The broker syncs every this many milliseconds; appends do not wait.
+    IntervalMs(u64),
+    /// Only rolls and shutdown sync; appends do not wait.
+    Never,
+}
+
+/// Which timestamp a batch carries once stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestampType {
+    /// The producer's timestamps, as sent.
+    CreateTime,
+    /// The broker stamps the append time on every batch.
+    LogAppendTime,
+}
+
+/// Settings of one partition's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A segment rolls before an append would take it past this size.
+    pub segment_bytes_max: u64,
+    /// A segment rolls once its first batch is this old.
+    pub segment_age_ms_max: Option<u64>,
+    /// Log bytes between two sparse index entries.
+    pub index_interval_bytes: u64,
+    /// Largest batch an append accepts.
+    pub batch_bytes_max: u64,
+    pub fsync: FsyncPolicy,
+    pub timestamp_type: TimestampType,
+    /// Sealed segments whose newest timestamp is older than this are deleted.
+    pub retention_ms: Option<u64>,
+    /// Sealed segments are deleted, oldest first, while the log stays at least this large without them.
+    pub retention_bytes: Option<u64>,
+    /// Write the active segment with O_DIRECT where the filesystem allows it.
+    pub direct_io: bool,
+    /// Reserve the whole segment size when a segment is created.
+    pub preallocate: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            segment_bytes_max: 128 * 1024 * 1024,
+            segment_age_ms_max: Some(7 * 24 * 3600 * 1000),
+            index_interval_bytes: 4096,
+            batch_bytes_max: 1024 * 1024,
+            fsync: FsyncPolicy::EveryBatch,
+            timestamp_type: TimestampType::CreateTime,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            retention_bytes: None,
+            direct_io: true,
+            preallocate: true,
+        }
+    }
+}

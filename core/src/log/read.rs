@@ -1,0 +1,239 @@
+//! Reading a partition log: whole batches from an offset up to a byte budget,
+//! as file ranges a network layer can send without copying, or as owned bytes
+//! checked batch by batch; and offsets by timestamp.
+
+use std::io;
+
+use super::{PartitionLog, ReadError};
+use crate::batch::{self, BATCH_HEADER_BYTES, BatchHeader, Compression, RecordIter};
+use crate::segment::Segment;
+use crate::storage::{Storage, StorageFile, read_exact_at};
+
+/// A byte range of one segment file holding whole batches.
+#[derive(Debug, Clone)]
+pub struct FileRange<F> {
+    pub file: F,
+    pub segment_base_offset: i64,
+    pub position: u64,
+    pub length: u64,
+}
+
+/// The answer to a read.
+#[derive(Debug, Clone)]
+pub struct ReadSlice<F> {
+    /// Whole batches, in offset order; empty when the log has nothing at the offset yet.
+    pub ranges: Vec<FileRange<F>>,
+    /// Total bytes of the ranges.
+    pub bytes: u64,
+    /// One past the last offset of the batches returned (the next offset to read).
+    pub next_fetch_offset: i64,
+    pub high_watermark: i64,
+    pub log_start_offset: i64,
+}
+
+impl<S: Storage> PartitionLog<S> {
+    fn read_io_error(segment: &Segment<S::File>) -> impl FnOnce(io::Error) -> ReadError + '_ {
+        move |source| ReadError::Io {
+            path: segment.log_path(),
+            source,
+        }
+    }
+
+    fn check_offset(&self, offset: i64) -> Result<(), ReadError> {
+        if offset < self.log_start_offset || offset > self.next_offset() {
+            return Err(ReadError::OffsetOutOfRange {
+                requested: offset,
+                log_start_offset: self.log_start_offset,
+                next_offset: self.next_offset(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whole batches from the one holding `offset`, up to `max_bytes`. The first
+    /// batch is returned even when it alone exceeds the budget, so a consumer
+    /// always makes progress (Kafka's rule since KIP-74).
+    pub async fn read(&self, offset: i64, max_bytes: u64) -> Result<ReadSlice<S::File>, ReadError> {
+        self.check_offset(offset)?;
+        let mut slice = ReadSlice {
+            ranges: Vec::new(),
+            bytes: 0,
+            next_fetch_offset: offset,
+            high_watermark: self.next_offset(),
+            log_start_offset: self.log_start_offset,
+        };
+        let mut wanted = offset;
+        let start_key = self
+            .segments
+            .range(..=offset)
+            .next_back()
+            .map_or(i64::MIN, |(&base, _)| base);
+        'segments: for segment in self.segments.range(start_key..).map(|(_, segment)| segment) {
+            if wanted >= segment.next_offset {
+                continue;
+            }
+            let located = segment
+                .locate(wanted)
+                .await
+                .map_err(Self::read_io_error(segment))?;
+            let Some((mut position, mut header)) = located else {
+                continue;
+            };
+            loop {
+                let total = batch_total(&header, segment, position)?;
+                if slice.bytes > 0 && slice.bytes + total > max_bytes {
+                    break 'segments;
+                }
+                match slice.ranges.last_mut() {
+                    Some(range)
+                        if range.segment_base_offset == segment.base_offset
+                            && range.position + range.length == position =>
+                    {
+                        range.length += total;
+                    }
+                    _ => slice.ranges.push(FileRange {
+                        file: segment.reader().clone(),
+                        segment_base_offset: segment.base_offset,
+                        position,
+                        length: total,
+                    }),
+                }
+                slice.bytes += total;
+                wanted = header.last_offset() + 1;
+                slice.next_fetch_offset = wanted;
+                position += total;
+                if position >= segment.size_bytes || slice.bytes >= max_bytes {
+                    break;
+                }
+                header = segment
+                    .read_header(position)
+                    .await
+                    .map_err(Self::read_io_error(segment))?;
+            }
+            if slice.bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(slice)
+    }
+
+    /// Like [`Self::read`], but copies the batches into memory and checks every
+    /// one (length, magic, CRC-32C) right after reading it.
+    pub async fn read_owned(
+        &self,
+        offset: i64,
+        max_bytes: u64,
+    ) -> Result<(Vec<u8>, ReadSlice<S::File>), ReadError> {
+        let slice = self.read(offset, max_bytes).await?;
+        let mut out = Vec::with_capacity(slice.bytes as usize);
+        for range in &slice.ranges {
+            let segment = &self.segments[&range.segment_base_offset];
+            let bytes = read_exact_at(&range.file, range.position, range.length as usize)
+                .await
+                .map_err(Self::read_io_error(segment))?;
+            let mut at = 0usize;
+            while at < bytes.len() {
+                let header = BatchHeader::parse(&bytes[at..]).map_err(|error| {
+                    corrupt(segment, range.position + at as u64, error.to_string())
+                })?;
+                let total = header
+                    .total_bytes()
+                    .filter(|&total| at + total <= bytes.len())
+                    .ok_or_else(|| {
+                        corrupt(
+                            segment,
+                            range.position + at as u64,
+                            "batch length runs past the range".into(),
+                        )
+                    })?;
+                batch::check_batch(&bytes[at..at + total]).map_err(|error| {
+                    corrupt(segment, range.position + at as u64, error.to_string())
+                })?;
+                at += total;
+            }
+            out.extend_from_slice(&bytes);
+        }
+        Ok((out, slice))
+    }
+
+    /// The first offset whose record timestamp is at or after `timestamp_ms`, or
+    /// `None` when every record is older. Exact to the record for uncompressed
+    /// batches; for compressed ones, the batch's base offset.
+    pub async fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<i64>, ReadError> {
+        for segment in self.segments.values() {
+            if segment.next_offset <= self.log_start_offset
+                || segment.is_empty()
+                || segment.max_timestamp < timestamp_ms
+            {
+                continue;
+            }
+            let mut position = segment.time_scan_start(timestamp_ms);
+            while position < segment.size_bytes {
+                let header = segment
+                    .read_header(position)
+                    .await
+                    .map_err(Self::read_io_error(segment))?;
+                let total = batch_total(&header, segment, position)?;
+                if header.max_timestamp >= timestamp_ms
+                    && header.last_offset() >= self.log_start_offset
+                {
+                    let offset = self
+                        .first_record_at_or_after(segment, position, &header, total, timestamp_ms)
+                        .await?;
+                    return Ok(Some(offset.max(self.log_start_offset)));
+                }
+                position += total;
+            }
+        }
+        Ok(None)
+    }
+
+    async fn first_record_at_or_after(
+        &self,
+        segment: &Segment<S::File>,
+        position: u64,
+        header: &BatchHeader,
+        total: u64,
+        timestamp_ms: i64,
+    ) -> Result<i64, ReadError> {
+        if header.is_log_append_time() || header.compression() != Some(Compression::None) {
+            return Ok(header.base_offset);
+        }
+        let bytes = read_exact_at(segment.reader(), position, total as usize)
+            .await
+            .map_err(Self::read_io_error(segment))?;
+        batch::check_batch(&bytes)
+            .map_err(|error| corrupt(segment, position, error.to_string()))?;
+        for record in RecordIter::new(&bytes[BATCH_HEADER_BYTES..]) {
+            let record = record.map_err(|error| corrupt(segment, position, error.to_string()))?;
+            if header.base_timestamp.saturating_add(record.timestamp_delta) >= timestamp_ms {
+                return Ok(header.base_offset + i64::from(record.offset_delta));
+            }
+        }
+        Ok(header.base_offset)
+    }
+}
+
+fn corrupt<F: StorageFile>(segment: &Segment<F>, position: u64, reason: String) -> ReadError {
+    ReadError::Corrupt {
+        path: segment.log_path(),
+        position,
+        reason,
+    }
+}
+
+/// A batch's size, refusing a header whose length would leave the segment.
+fn batch_total<F: StorageFile>(
+    header: &BatchHeader,
+    segment: &Segment<F>,
+    position: u64,
+) -> Result<u64, ReadError> {
+    match header.total_bytes() {
+        Some(total) if position + total as u64 <= segment.size_bytes => Ok(total as u64),
+        _ => Err(corrupt(
+            segment,
+            position,
+            format!("batch_length {} is not plausible here", header.batch_length),
+        )),
+    }
+}
