@@ -12,3 +12,6 @@ pub mod index;
 pub mod log;
 pub mod segment;
 pub mod storage;
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;

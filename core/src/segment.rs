@@ -528,10 +528,11 @@ impl<F: StorageFile> Segment<F> {
         now_ms: i64,
         stamp: impl FnOnce(&mut [u8]),
     ) -> io::Result<()> {
-        let writer = self
-            .writer
-            .as_mut()
-            .expect("append only to the active segment");
+        let Some(writer) = self.writer.as_mut() else {
+            return Err(io::Error::other(
+                "segment is sealed; the log must be reopened",
+            ));
+        };
         writer.append(self.size_bytes, bytes, stamp).await?;
         self.first_append_ms.get_or_insert(now_ms);
         self.note_batch(self.size_bytes, header, bytes.len() as u64);

@@ -53,7 +53,7 @@ pub const DIRECT_IO_ALIGNMENT_BYTES: usize = 4096;
 ///
 /// Metadata operations are synchronous: they are rare (segment roll, checkpoint)
 /// and no driver Rill uses makes them cheaper asynchronously.
-pub trait Storage: Clone {
+pub trait Storage: Clone + std::fmt::Debug {
     type File: StorageFile;
 
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Self::File>;
@@ -72,7 +72,7 @@ pub trait Storage: Clone {
 
 /// One open file. Clones share the same open file.
 #[allow(async_fn_in_trait)]
-pub trait StorageFile: Clone {
+pub trait StorageFile: Clone + std::fmt::Debug {
     /// Reads up to `buffer.len()` bytes at `position`; returns how many were read
     /// (fewer only at the end of the file).
     async fn read_at(&self, buffer: Vec<u8>, position: u64) -> (io::Result<usize>, Vec<u8>);

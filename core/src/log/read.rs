@@ -126,6 +126,7 @@ impl<S: Storage> PartitionLog<S> {
     ) -> Result<(Vec<u8>, ReadSlice<S::File>), ReadError> {
         let slice = self.read(offset, max_bytes).await?;
         let mut out = Vec::with_capacity(slice.bytes as usize);
+        let mut expected_offset: Option<i64> = None;
         for range in &slice.ranges {
             let segment = &self.segments[&range.segment_base_offset];
             let bytes = read_exact_at(&range.file, range.position, range.length as usize)
@@ -149,6 +150,11 @@ impl<S: Storage> PartitionLog<S> {
                 batch::check_batch(&bytes[at..at + total]).map_err(|error| {
                     corrupt(segment, range.position + at as u64, error.to_string())
                 })?;
+                if expected_offset.is_some_and(|expected| expected != header.base_offset) {
+                    let reason = format!("offset discontinuity: batch says {}", header.base_offset);
+                    return Err(corrupt(segment, range.position + at as u64, reason));
+                }
+                expected_offset = Some(header.last_offset() + 1);
                 at += total;
             }
             out.extend_from_slice(&bytes);
