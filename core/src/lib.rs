@@ -15,3 +15,5 @@ pub mod storage;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+pub mod logset;
+pub mod verify;
