@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::log::{AppendError, AppendInfo, LogConfig, MaintenanceError, OpenError, PartitionLog, RecoveryReport, TrimReport};
+use crate::log::{
+    AppendError, AppendInfo, LogConfig, MaintenanceError, OpenError, PartitionLog, RecoveryReport,
+    TrimReport,
+};
 use crate::storage::Storage;
 
 /// What happens to a topic's appends when the quota is reached.
@@ -52,7 +55,9 @@ impl DiskUsage {
     fn subtract(&self, bytes: u64) {
         let _ = self
             .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| Some(used.saturating_sub(bytes)));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(bytes))
+            });
     }
 }
 
@@ -119,14 +124,22 @@ impl<S: Storage> LogSet<S> {
         let directory = partition_directory(&self.root, topic, partition);
         let (log, report) = PartitionLog::open(self.storage.clone(), &directory, config).await?;
         self.usage.add(log.size_bytes());
-        if let Some(old) = self.logs.insert((topic.to_string(), partition), Entry { log, eviction }) {
+        if let Some(old) = self
+            .logs
+            .insert((topic.to_string(), partition), Entry { log, eviction })
+        {
             self.usage.subtract(old.log.size_bytes());
         }
         Ok(report)
     }
 
     /// Removes a partition from the set; with `delete_files` its directory goes too.
-    pub async fn close_partition(&mut self, topic: &str, partition: u32, delete_files: bool) -> std::io::Result<()> {
+    pub async fn close_partition(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        delete_files: bool,
+    ) -> std::io::Result<()> {
         let Some(mut entry) = self.logs.remove(&(topic.to_string(), partition)) else {
             return Ok(());
         };
@@ -140,11 +153,15 @@ impl<S: Storage> LogSet<S> {
     }
 
     pub fn log(&self, topic: &str, partition: u32) -> Option<&PartitionLog<S>> {
-        self.logs.get(&(topic.to_string(), partition)).map(|entry| &entry.log)
+        self.logs
+            .get(&(topic.to_string(), partition))
+            .map(|entry| &entry.log)
     }
 
     pub fn log_mut(&mut self, topic: &str, partition: u32) -> Option<&mut PartitionLog<S>> {
-        self.logs.get_mut(&(topic.to_string(), partition)).map(|entry| &mut entry.log)
+        self.logs
+            .get_mut(&(topic.to_string(), partition))
+            .map(|entry| &mut entry.log)
     }
 
     pub fn set_eviction(&mut self, topic: &str, partition: u32, eviction: EvictionSettings) {
@@ -176,7 +193,8 @@ impl<S: Storage> LogSet<S> {
         let incoming = batch.len() as u64;
         if let Some(quota_bytes) = self.quota_bytes {
             while self.usage.bytes() + incoming > quota_bytes {
-                let evicted = eviction.disk_full == DiskFullPolicy::EvictOldest && self.evict_one().await;
+                let evicted =
+                    eviction.disk_full == DiskFullPolicy::EvictOldest && self.evict_one().await;
                 if !evicted {
                     return Some(Err(AppendError::QuotaExceeded {
                         used_bytes: self.usage.bytes(),
@@ -196,8 +214,16 @@ impl<S: Storage> LogSet<S> {
         Some(result)
     }
 
-    async fn append_counted(&mut self, key: &PartitionKey, batch: &[u8], now_ms: i64) -> Result<AppendInfo, AppendError> {
-        let entry = self.logs.get_mut(key).expect("caller checked the partition exists");
+    async fn append_counted(
+        &mut self,
+        key: &PartitionKey,
+        batch: &[u8],
+        now_ms: i64,
+    ) -> Result<AppendInfo, AppendError> {
+        let entry = self
+            .logs
+            .get_mut(key)
+            .expect("caller checked the partition exists");
         let before = entry.log.size_bytes();
         let result = entry.log.append(batch, now_ms).await;
         let after = entry.log.size_bytes();
@@ -216,7 +242,12 @@ impl<S: Storage> LogSet<S> {
                 entry
                     .log
                     .oldest_sealed_segment()
-                    .map(|(_, _, max_timestamp)| ((entry.eviction.eviction_priority, max_timestamp), key.clone()))
+                    .map(|(_, _, max_timestamp)| {
+                        (
+                            (entry.eviction.eviction_priority, max_timestamp),
+                            key.clone(),
+                        )
+                    })
             })
             .min();
         let Some((_, key)) = candidate else {

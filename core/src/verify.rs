@@ -94,7 +94,9 @@ async fn verify_partition<S: Storage>(
             report.problems.push(Problem {
                 path: path.clone(),
                 position: Some(0),
-                reason: format!("segment starts at offset {base}, the previous one ended at {expected}"),
+                reason: format!(
+                    "segment starts at offset {base}, the previous one ended at {expected}"
+                ),
             });
         }
         let file = storage.open(&path, OpenMode::READ)?;
@@ -118,7 +120,10 @@ async fn verify_partition<S: Storage>(
             }
             match stop {
                 ScanStop::End | ScanStop::ZeroTail => break,
-                ScanStop::Bad { position: bad, reason } => {
+                ScanStop::Bad {
+                    position: bad,
+                    reason,
+                } => {
                     report.problems.push(Problem {
                         path: path.clone(),
                         position: Some(bad),
@@ -147,7 +152,11 @@ async fn verify_partition<S: Storage>(
 }
 
 /// Where the batch after a bad one starts, if its length field is believable.
-async fn skip_bad_batch<F: StorageFile>(file: &F, position: u64, end: u64) -> io::Result<Option<(u64, BatchHeader)>> {
+async fn skip_bad_batch<F: StorageFile>(
+    file: &F,
+    position: u64,
+    end: u64,
+) -> io::Result<Option<(u64, BatchHeader)>> {
     if end - position < crate::batch::BATCH_HEADER_BYTES as u64 {
         return Ok(None);
     }

@@ -43,7 +43,10 @@ fn pick(range_start: i64, range_end: i64, pick: u16) -> i64 {
 async fn run(operations: Vec<Operation>) {
     let storage = MemoryStorage::new();
     let directory = Path::new("/data/p/0");
-    let config = LogConfig { direct_io: false, ..small_config() };
+    let config = LogConfig {
+        direct_io: false,
+        ..small_config()
+    };
     let open = || PartitionLog::open(storage.clone(), directory, config);
     let mut log = open().await.expect("open").0;
     // Model: base offset -> (batch bytes, first record timestamp).
@@ -53,7 +56,10 @@ async fn run(operations: Vec<Operation>) {
     let mut clock = 0i64;
     for operation in operations {
         match operation {
-            Operation::Append { records, value_bytes } => {
+            Operation::Append {
+                records,
+                value_bytes,
+            } => {
                 clock += 10;
                 let batch = make_batch(records, value_bytes, clock, next as u64);
                 let info = log.append(&batch, 0).await.expect("append");
@@ -61,9 +67,15 @@ async fn run(operations: Vec<Operation>) {
                 model.insert(next, (batch, clock));
                 next += records as i64;
             }
-            Operation::Read { offset_pick, budget } => {
+            Operation::Read {
+                offset_pick,
+                budget,
+            } => {
                 let offset = pick(start, next, offset_pick);
-                let (bytes, slice) = log.read_owned(offset, u64::from(budget)).await.expect("read");
+                let (bytes, slice) = log
+                    .read_owned(offset, u64::from(budget))
+                    .await
+                    .expect("read");
                 let batches = split_batches(&bytes);
                 if offset == next {
                     assert!(batches.is_empty());
@@ -75,7 +87,10 @@ async fn run(operations: Vec<Operation>) {
                 for (header, stored) in &batches {
                     assert_same_batch(stored, &model[&header.base_offset].0);
                 }
-                assert_eq!(slice.next_fetch_offset, batches.last().expect("batch").0.last_offset() + 1);
+                assert_eq!(
+                    slice.next_fetch_offset,
+                    batches.last().expect("batch").0.last_offset() + 1
+                );
             }
             Operation::ReadByTime { time_pick } => {
                 let target = i64::from(time_pick) % (clock + 20);
@@ -87,24 +102,39 @@ async fn run(operations: Vec<Operation>) {
                     })
                     .find(|&(offset, time)| offset >= start && time >= target)
                     .map(|(offset, _)| offset);
-                assert_eq!(log.offset_for_timestamp(target).await.expect("by time"), expected);
+                assert_eq!(
+                    log.offset_for_timestamp(target).await.expect("by time"),
+                    expected
+                );
             }
             Operation::Roll => log.roll().await.expect("roll"),
             Operation::RetainBytes { keep } => {
-                log.set_config(LogConfig { retention_bytes: Some(u64::from(keep)), ..config });
+                log.set_config(LogConfig {
+                    retention_bytes: Some(u64::from(keep)),
+                    ..config
+                });
                 log.apply_retention(0).await.expect("retention");
                 log.set_config(config);
                 start = log.log_start_offset();
-                model.retain(|&base, (batch, _)| base + split_batches(batch)[0].0.record_count as i64 > start);
+                model.retain(|&base, (batch, _)| {
+                    base + split_batches(batch)[0].0.record_count as i64 > start
+                });
             }
             Operation::DeleteBefore { offset_pick } => {
                 let offset = pick(start, next, offset_pick);
-                log.delete_records_before(offset).await.expect("delete records");
+                log.delete_records_before(offset)
+                    .await
+                    .expect("delete records");
                 start = start.max(offset);
                 assert_eq!(log.log_start_offset(), start);
-                model.retain(|&base, (batch, _)| base + split_batches(batch)[0].0.record_count as i64 > start);
+                model.retain(|&base, (batch, _)| {
+                    base + split_batches(batch)[0].0.record_count as i64 > start
+                });
                 if start > 0 {
-                    assert!(matches!(log.read(start - 1, 10).await, Err(ReadError::OffsetOutOfRange { .. })));
+                    assert!(matches!(
+                        log.read(start - 1, 10).await,
+                        Err(ReadError::OffsetOutOfRange { .. })
+                    ));
                 }
             }
             Operation::Reopen => {
