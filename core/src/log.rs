@@ -193,12 +193,12 @@ impl<S: Storage> PartitionLog<S> {
             });
         }
         let header = batch::check_batch(batch_bytes)?;
-        if self.should_roll(bytes, i64::from(header.last_offset_delta), now_ms) {
-            if let Err(source) = self.roll().await {
-                // A roll that failed half way may leave no writable segment.
-                self.poisoned = Some(format!("segment roll failed: {source}"));
-                return Err(self.append_io_error(source));
-            }
+        if self.should_roll(bytes, i64::from(header.last_offset_delta), now_ms)
+            && let Err(source) = self.roll().await
+        {
+            // A roll that failed half way may leave no writable segment.
+            self.poisoned = Some(format!("segment roll failed: {source}"));
+            return Err(self.append_io_error(source));
         }
         let base_offset = self.active().next_offset;
         let log_append_time_ms =

@@ -1,1 +1,5 @@
-//! placeholder
+//! `rill-node`: the broker process. Shards (one thread per core), partition
+//! ownership, listeners, configuration and the `rill` CLI. The only crate that
+//! opens sockets and spawns threads; it runs `rill-core`'s log on compio.
+
+pub mod io;
