@@ -51,6 +51,9 @@ pub fn small_config() -> LogConfig {
         retention_bytes: None,
         direct_io: true,
         preallocate: true,
+        // Smaller than a segment, larger than a batch: appends collect in
+        // memory and reach the file in several-batch writes.
+        write_buffer_bytes: 8 * 1024,
     }
 }
 
@@ -400,30 +403,53 @@ pub async fn file_ranges_cover_whole_batches<S: Storage>(storage: S, directory: 
     }
     let slice = log.read(0, 10_000).await.expect("read");
     assert!(slice.bytes <= 10_000 && slice.bytes > 0);
-    let mut joined = Vec::new();
-    for range in &slice.ranges {
-        joined.extend(
-            read_exact_at(&range.file, range.position, range.length as usize)
-                .await
-                .expect("range"),
-        );
-    }
+    let joined = join_slice(&slice).await;
+    assert_eq!(joined.len() as u64, slice.bytes);
     let batches = split_batches(&joined);
-    assert_eq!(
-        batches.last().map(|(header, _)| header.last_offset() + 1),
-        Some(slice.next_fetch_offset)
-    );
+    let after_last = batches.last().map(|(header, _)| header.last_offset() + 1);
+    assert_eq!(after_last, Some(slice.next_fetch_offset));
+
     let slice = log.read(0, u64::MAX).await.expect("read all");
     assert!(
         slice.ranges.len() > 1,
         "a read spanning segments returns a range per segment"
     );
     assert_eq!(slice.next_fetch_offset, log.next_offset());
+    assert!(
+        !slice.memory_tail.is_empty(),
+        "the newest appends should still be buffered"
+    );
+    let everything = read_all(&log, 0).await;
+    assert_eq!(
+        join_slice(&slice).await,
+        everything,
+        "ranges and memory tail make up the log"
+    );
+
+    // After a sync everything is in the file.
+    log.sync().await.expect("sync");
+    let slice = log.read(0, u64::MAX).await.expect("read all after sync");
+    assert!(
+        slice.memory_tail.len() < 4096,
+        "only the partial last block stays in memory"
+    );
+    assert_eq!(join_slice(&slice).await, everything);
+
     let empty = log
         .read(log.next_offset(), 1000)
         .await
         .expect("read at the end");
-    assert!(empty.ranges.is_empty());
+    assert!(empty.ranges.is_empty() && empty.memory_tail.is_empty());
+}
+
+async fn join_slice<F: StorageFile>(slice: &crate::log::ReadSlice<F>) -> Vec<u8> {
+    let mut joined = Vec::new();
+    for range in &slice.ranges {
+        let bytes = read_exact_at(&range.file, range.position, range.length as usize).await;
+        joined.extend(bytes.expect("range"));
+    }
+    joined.extend_from_slice(&slice.memory_tail);
+    joined
 }
 
 /// Every check in the suite, by name.

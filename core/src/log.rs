@@ -161,6 +161,7 @@ impl<S: Storage> PartitionLog<S> {
     fn segment_settings(&self) -> SegmentSettings {
         SegmentSettings {
             index_interval_bytes: self.config.index_interval_bytes,
+            write_buffer_bytes: self.config.write_buffer_bytes,
             direct_io: self.config.direct_io,
             preallocate_bytes: if self.config.preallocate {
                 self.config.segment_bytes_max
@@ -283,21 +284,28 @@ impl<S: Storage> PartitionLog<S> {
     }
 
     /// Starts a sync of everything appended so far, unless one is running or
-    /// nothing needs it. Finish it with [`Self::finish_sync`].
-    pub fn begin_sync(&mut self) -> Option<SyncJob<S::File>> {
+    /// nothing needs it: writes out what the segment buffers (awaited, so no
+    /// later write can overtake it) and returns the fdatasync to run. Finish it
+    /// with [`Self::finish_sync`]; appends may go on meanwhile.
+    pub async fn begin_sync(&mut self) -> Result<Option<SyncJob<S::File>>, SyncError> {
         if self.sync_in_flight || !self.sync_needed() || self.poisoned.is_some() {
-            return None;
+            return Ok(None);
         }
+        let path = self.active().log_path();
+        self.active_mut()
+            .flush()
+            .await
+            .map_err(|source| SyncError::Flush { path, source })?;
         self.sync_in_flight = true;
         let active = self.active();
-        Some(SyncJob {
+        Ok(Some(SyncJob {
             file: active.writer_file().cloned(),
             target: SyncTarget {
                 next_offset: active.next_offset,
                 segment_base_offset: active.base_offset,
                 position: active.size_bytes,
             },
-        })
+        }))
     }
 
     /// Records the outcome of a sync. A failed sync poisons the log: after a
@@ -324,7 +332,7 @@ impl<S: Storage> PartitionLog<S> {
 
     /// Syncs everything appended so far and waits for it.
     pub async fn sync(&mut self) -> Result<i64, SyncError> {
-        match self.begin_sync() {
+        match self.begin_sync().await? {
             Some(job) => {
                 let (result, target) = job.run().await;
                 self.finish_sync(result, target)
@@ -360,6 +368,7 @@ impl<S: Storage> PartitionLog<S> {
             path: path.clone(),
             source,
         };
+        self.active_mut().flush().await.map_err(io_error)?;
         if let Some(file) = self.active().writer_file() {
             file.truncate(self.active().size_bytes)
                 .await

@@ -1,10 +1,11 @@
 //! One segment: a `.log` file of record batches named by its base offset, with
 //! its sparse offset and time indexes.
 //!
-//! The active segment has a writer. With direct I/O the writer keeps the
-//! partial last block in an aligned buffer and rewrites that block with the
-//! next append, so every write is block-aligned and the bytes on disk past the
-//! logical end are zero padding, which recovery recognises as a clean end.
+//! The active segment has a writer with a write-behind buffer: appends collect
+//! in memory and reach the file in large block-aligned writes (direct I/O
+//! where the filesystem allows it). A flush writes the partial last block
+//! zero-padded, so bytes on disk past the logical end are zero padding, which
+//! recovery recognises as a clean end.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -162,62 +163,89 @@ pub async fn scan_batches<F: StorageFile>(
     }
 }
 
-/// Writes batches at the end of the active segment.
+/// Writes batches at the end of the active segment, behind an in-memory buffer.
+///
+/// The buffer holds every byte from `buffer_start` (a block boundary) to the
+/// logical end. Appends land in it; once it holds `write_buffer_bytes`, its
+/// whole blocks go to the file in one large write, which keeps direct I/O at
+/// the disk's sequential speed. A flush (before a sync, at seal and close)
+/// also writes the partial last block, zero-padded; the next write rewrites
+/// that block with more data. Bytes from `buffer_start` on are served to
+/// readers from the buffer, so nothing appended is ever invisible.
 #[derive(Debug)]
 struct SegmentWriter<F> {
     file: F,
-    /// Holds the bytes of the partial last block (direct I/O) between appends.
     buffer: Option<AlignedBuf>,
+    buffer_start: u64,
     block_bytes: u64,
+    write_buffer_bytes: usize,
 }
 
 impl<F: StorageFile> SegmentWriter<F> {
-    fn new(file: F, partial_block: &[u8]) -> Self {
+    fn new(file: F, buffer_start: u64, partial_block: &[u8], write_buffer_bytes: usize) -> Self {
         let block_bytes = if file.direct() {
             DIRECT_IO_ALIGNMENT_BYTES
         } else {
             1
         };
-        let mut buffer = AlignedBuf::with_capacity(256 * 1024, block_bytes);
+        let capacity = write_buffer_bytes.max(64 * 1024) + 2 * block_bytes;
+        let mut buffer = AlignedBuf::with_capacity(capacity, block_bytes);
         buffer.extend_from_slice(partial_block);
         Self {
             file,
             buffer: Some(buffer),
+            buffer_start,
             block_bytes: block_bytes as u64,
+            write_buffer_bytes,
         }
     }
 
-    /// Appends `bytes` at logical `position`; `stamp` edits them in the buffer
-    /// before they are written (the broker-assigned fields).
-    async fn append(
-        &mut self,
-        position: u64,
-        bytes: &[u8],
-        stamp: impl FnOnce(&mut [u8]),
-    ) -> io::Result<()> {
+    fn buffered(&self) -> &[u8] {
+        self.buffer.as_ref().map_or(&[], AlignedBuf::as_slice)
+    }
+
+    /// Adds a batch at the end; writes whole blocks once the buffer is full.
+    /// On error the batch is taken out again and the writer is as before.
+    async fn append(&mut self, bytes: &[u8], stamp: impl FnOnce(&mut [u8])) -> io::Result<()> {
+        let buffer = self
+            .buffer
+            .as_mut()
+            .expect("writer buffer present between writes");
+        let before = buffer.len();
+        buffer.extend_from_slice(bytes);
+        stamp(&mut buffer.as_mut_slice()[before..]);
+        if buffer.len() >= self.write_buffer_bytes.max(1)
+            && let Err(error) = self.write_out(false).await
+        {
+            let buffer = self.buffer.as_mut().expect("buffer returned after a write");
+            buffer.set_len(before);
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Writes the whole blocks of the buffer, and with `include_partial` the
+    /// last partial block too (zero-padded). Keeps the partial block buffered.
+    async fn write_out(&mut self, include_partial: bool) -> io::Result<()> {
         let mut buffer = self
             .buffer
             .take()
-            .expect("writer buffer present between appends");
-        let old_partial = buffer.len();
-        debug_assert_eq!(old_partial as u64, position % self.block_bytes);
-        buffer.extend_from_slice(bytes);
-        stamp(&mut buffer.as_mut_slice()[old_partial..]);
+            .expect("writer buffer present between writes");
         let logical = buffer.len();
+        let whole = logical - logical % self.block_bytes as usize;
+        let write_length = if include_partial { logical } else { whole };
+        if write_length == 0 {
+            self.buffer = Some(buffer);
+            return Ok(());
+        }
+        buffer.set_len(write_length);
         buffer.pad_to_alignment();
-        let (result, mut buffer) = self
-            .file
-            .write_at(buffer, position - old_partial as u64)
-            .await;
-        match result {
-            Ok(()) => {
-                let new_partial = ((position + bytes.len() as u64) % self.block_bytes) as usize;
-                buffer.keep_range(logical - new_partial, new_partial);
-            }
-            // The bytes before `old_partial` are unchanged, so the writer is back
-            // where it was; whatever reached the file past the logical end is
-            // overwritten by the next append or cut by recovery.
-            Err(_) => buffer.keep_range(0, old_partial),
+        let (result, mut buffer) = self.file.write_at(buffer, self.buffer_start).await;
+        // The allocation still holds every logical byte: restore the length.
+        buffer.set_len(logical);
+        if result.is_ok() {
+            buffer.keep_range(whole, logical - whole);
+            self.buffer_start += whole as u64;
         }
         self.buffer = Some(buffer);
         result
@@ -228,6 +256,7 @@ impl<F: StorageFile> SegmentWriter<F> {
 #[derive(Debug, Clone, Copy)]
 pub struct SegmentSettings {
     pub index_interval_bytes: u64,
+    pub write_buffer_bytes: usize,
     pub direct_io: bool,
     pub preallocate_bytes: u64,
 }
@@ -287,6 +316,62 @@ impl<F: StorageFile> Segment<F> {
         self.writer.as_ref().map(|writer| &writer.file)
     }
 
+    /// Writes everything buffered (including the partial last block) to the
+    /// file, so a sync that follows covers every byte appended so far.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        match self.writer.as_mut() {
+            Some(writer) => writer.write_out(true).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Where the in-memory part of the active segment starts: bytes from here
+    /// to the end are read from the writer's buffer, the rest from the file.
+    fn memory_start(&self) -> u64 {
+        self.writer
+            .as_ref()
+            .map_or(self.size_bytes, |writer| writer.buffer_start)
+    }
+
+    /// The bytes of `position..position + length` that live in the writer's
+    /// buffer (from `memory_start` on), or nothing.
+    pub fn memory_bytes(&self, position: u64, length: u64) -> &[u8] {
+        let Some(writer) = self.writer.as_ref() else {
+            return &[];
+        };
+        let start = position.max(writer.buffer_start);
+        let end = (position + length).min(self.size_bytes);
+        if start >= end {
+            return &[];
+        }
+        let from = (start - writer.buffer_start) as usize;
+        &writer.buffered()[from..from + (end - start) as usize]
+    }
+
+    /// The part of `position..position + length` that is in the file.
+    pub fn file_part(&self, position: u64, length: u64) -> (u64, u64) {
+        let end = (position + length).min(self.memory_start());
+        (position, end.saturating_sub(position))
+    }
+
+    /// Reads bytes of the segment wherever they are: file, buffer, or both.
+    pub async fn read_bytes(&self, position: u64, length: usize) -> io::Result<Vec<u8>> {
+        let (file_position, file_length) = self.file_part(position, length as u64);
+        let mut bytes = if file_length > 0 {
+            read_exact_at(&self.reader, file_position, file_length as usize).await?
+        } else {
+            Vec::with_capacity(length)
+        };
+        bytes.extend_from_slice(self.memory_bytes(position, length as u64));
+        if bytes.len() != length {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("segment ends before {length} bytes at {position}"),
+            ));
+        }
+        Ok(bytes)
+    }
+
     /// Creates a new, empty active segment, replacing any leftover files.
     pub async fn create<S: Storage<File = F>>(
         storage: &S,
@@ -312,7 +397,12 @@ impl<F: StorageFile> Segment<F> {
             reader,
             settings.index_interval_bytes,
         );
-        segment.writer = Some(SegmentWriter::new(file, &[]));
+        segment.writer = Some(SegmentWriter::new(
+            file,
+            0,
+            &[],
+            settings.write_buffer_bytes,
+        ));
         segment.truncate_index_files(storage).await?;
         Ok(segment)
     }
@@ -508,7 +598,12 @@ impl<F: StorageFile> Segment<F> {
             (self.size_bytes - partial_start) as usize,
         )
         .await?;
-        self.writer = Some(SegmentWriter::new(file, &partial));
+        self.writer = Some(SegmentWriter::new(
+            file,
+            partial_start,
+            &partial,
+            settings.write_buffer_bytes,
+        ));
         self.truncate_index_files(storage).await?;
         Ok(())
     }
@@ -533,7 +628,7 @@ impl<F: StorageFile> Segment<F> {
                 "segment is sealed; the log must be reopened",
             ));
         };
-        writer.append(self.size_bytes, bytes, stamp).await?;
+        writer.append(bytes, stamp).await?;
         self.first_append_ms.get_or_insert(now_ms);
         self.note_batch(self.size_bytes, header, bytes.len() as u64);
         Ok(())
@@ -572,7 +667,8 @@ impl<F: StorageFile> Segment<F> {
     /// Seals the active segment: cut direct-I/O padding, sync log and indexes,
     /// drop the writer.
     pub async fn seal<S: Storage<File = F>>(&mut self, storage: &S) -> io::Result<()> {
-        if let Some(writer) = self.writer.as_ref() {
+        if let Some(writer) = self.writer.as_mut() {
+            writer.write_out(true).await?;
             writer.file.truncate(self.size_bytes).await?;
             writer.file.sync_data().await?;
         }
@@ -598,7 +694,7 @@ impl<F: StorageFile> Segment<F> {
 
     /// Reads the header of the batch at `position`.
     pub async fn read_header(&self, position: u64) -> io::Result<BatchHeader> {
-        let bytes = read_exact_at(&self.reader, position, BATCH_HEADER_BYTES).await?;
+        let bytes = self.read_bytes(position, BATCH_HEADER_BYTES).await?;
         BatchHeader::parse(&bytes).map_err(io::Error::other)
     }
 

@@ -48,6 +48,11 @@ fn config_for(rng: &mut SimRng) -> LogConfig {
         retention_bytes: rng.chance(1, 3).then(|| 8 * 1024 + rng.below(32 * 1024)),
         direct_io: false,
         preallocate: rng.chance(1, 2),
+        write_buffer_bytes: match rng.below(3) {
+            0 => 0,
+            1 => 1 + rng.below(4096) as usize,
+            _ => 4096 + rng.below(32 * 1024) as usize,
+        },
     }
 }
 
@@ -151,7 +156,7 @@ async fn run_seed(seed: u64) {
                 }
                 6 | 7 => {
                     // Group commit: appends land while the sync is in flight.
-                    if let Some(job) = log.begin_sync() {
+                    if let Ok(Some(job)) = log.begin_sync().await {
                         for _ in 0..rng.below(3) {
                             tag += 1;
                             let batch = make_batch(1, 100, now_ms, tag);

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use rill_core::conformance::{make_batch, small_config, split_batches};
-use rill_core::log::{AppendError, PartitionLog};
+use rill_core::log::{AppendError, LogConfig, PartitionLog};
 use rill_core::logset::{DiskFullPolicy, DiskUsage, EvictionSettings, LogSet};
 use rill_core::storage::block_on_ready;
 use rill_core::storage::memory::MemoryStorage;
@@ -26,7 +26,12 @@ fn enospc_refuses_the_append_keeps_reads_and_recovers_when_space_returns() {
     block_on_ready(async {
         let storage = MemoryStorage::new();
         let directory = Path::new("/data/t/0");
-        let (mut log, _) = PartitionLog::open(storage.clone(), directory, small_config())
+        // Write-through, so the append itself meets the full disk.
+        let config = LogConfig {
+            write_buffer_bytes: 0,
+            ..small_config()
+        };
+        let (mut log, _) = PartitionLog::open(storage.clone(), directory, config)
             .await
             .expect("open");
         for tag in 0..5 {
@@ -58,7 +63,7 @@ fn enospc_refuses_the_append_keeps_reads_and_recovers_when_space_returns() {
         assert_eq!(info.base_offset, 10);
         log.sync().await.expect("sync");
         drop(log);
-        let (log, report) = PartitionLog::open(storage, directory, small_config())
+        let (log, report) = PartitionLog::open(storage, directory, config)
             .await
             .expect("reopen");
         assert_eq!(log.next_offset(), 12, "{report:?}");

@@ -42,6 +42,10 @@ pub struct LogConfig {
     pub direct_io: bool,
     /// Reserve the whole segment size when a segment is created.
     pub preallocate: bool,
+    /// Appended bytes collected in memory before they are written to the
+    /// segment file in one large write (a sync writes them at once). 0 writes
+    /// every append through.
+    pub write_buffer_bytes: usize,
 }
 
 impl Default for LogConfig {
@@ -57,6 +61,7 @@ impl Default for LogConfig {
             retention_bytes: None,
             direct_io: true,
             preallocate: true,
+            write_buffer_bytes: 1024 * 1024,
         }
     }
 }

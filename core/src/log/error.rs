@@ -60,6 +60,10 @@ pub enum ReadError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
+    #[error(
+        "writing buffered data to {path} failed: {source}; the data stays buffered and the next sync retries"
+    )]
+    Flush { path: PathBuf, source: io::Error },
     #[error("sync of {path} failed: {source}; the log now refuses writes until it is reopened")]
     Io { path: PathBuf, source: io::Error },
 }

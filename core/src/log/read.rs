@@ -18,11 +18,14 @@ pub struct FileRange<F> {
     pub length: u64,
 }
 
-/// The answer to a read.
+/// The answer to a read: file ranges, then possibly bytes from memory.
 #[derive(Debug, Clone)]
 pub struct ReadSlice<F> {
     /// Whole batches, in offset order; empty when the log has nothing at the offset yet.
     pub ranges: Vec<FileRange<F>>,
+    /// Bytes that continue the last range (or stand alone) and are still in the
+    /// active segment's write buffer, not yet in the file. Send them after the ranges.
+    pub memory_tail: Vec<u8>,
     /// Total bytes of the ranges.
     pub bytes: u64,
     /// One past the last offset of the batches returned (the next offset to read).
@@ -57,6 +60,7 @@ impl<S: Storage> PartitionLog<S> {
         self.check_offset(offset)?;
         let mut slice = ReadSlice {
             ranges: Vec::new(),
+            memory_tail: Vec::new(),
             bytes: 0,
             next_fetch_offset: offset,
             high_watermark: self.next_offset(),
@@ -84,20 +88,25 @@ impl<S: Storage> PartitionLog<S> {
                 if slice.bytes > 0 && slice.bytes + total > max_bytes {
                     break 'segments;
                 }
+                let (file_position, file_length) = segment.file_part(position, total);
                 match slice.ranges.last_mut() {
+                    _ if file_length == 0 => {}
                     Some(range)
                         if range.segment_base_offset == segment.base_offset
-                            && range.position + range.length == position =>
+                            && range.position + range.length == file_position =>
                     {
-                        range.length += total;
+                        range.length += file_length;
                     }
                     _ => slice.ranges.push(FileRange {
                         file: segment.reader().clone(),
                         segment_base_offset: segment.base_offset,
-                        position,
-                        length: total,
+                        position: file_position,
+                        length: file_length,
                     }),
                 }
+                slice
+                    .memory_tail
+                    .extend_from_slice(segment.memory_bytes(position, total));
                 slice.bytes += total;
                 wanted = header.last_offset() + 1;
                 slice.next_fetch_offset = wanted;
@@ -126,38 +135,38 @@ impl<S: Storage> PartitionLog<S> {
     ) -> Result<(Vec<u8>, ReadSlice<S::File>), ReadError> {
         let slice = self.read(offset, max_bytes).await?;
         let mut out = Vec::with_capacity(slice.bytes as usize);
-        let mut expected_offset: Option<i64> = None;
         for range in &slice.ranges {
             let segment = &self.segments[&range.segment_base_offset];
             let bytes = read_exact_at(&range.file, range.position, range.length as usize)
                 .await
                 .map_err(Self::read_io_error(segment))?;
-            let mut at = 0usize;
-            while at < bytes.len() {
-                let header = BatchHeader::parse(&bytes[at..]).map_err(|error| {
-                    corrupt(segment, range.position + at as u64, error.to_string())
-                })?;
-                let total = header
-                    .total_bytes()
-                    .filter(|&total| at + total <= bytes.len())
-                    .ok_or_else(|| {
-                        corrupt(
-                            segment,
-                            range.position + at as u64,
-                            "batch length runs past the range".into(),
-                        )
-                    })?;
-                batch::check_batch(&bytes[at..at + total]).map_err(|error| {
-                    corrupt(segment, range.position + at as u64, error.to_string())
-                })?;
-                if expected_offset.is_some_and(|expected| expected != header.base_offset) {
-                    let reason = format!("offset discontinuity: batch says {}", header.base_offset);
-                    return Err(corrupt(segment, range.position + at as u64, reason));
-                }
-                expected_offset = Some(header.last_offset() + 1);
-                at += total;
-            }
             out.extend_from_slice(&bytes);
+        }
+        out.extend_from_slice(&slice.memory_tail);
+        // Check every batch right after reading it, and that offsets follow on.
+        let segment = slice.ranges.first().map_or_else(
+            || self.active(),
+            |range| &self.segments[&range.segment_base_offset],
+        );
+        let mut expected_offset: Option<i64> = None;
+        let mut at = 0usize;
+        while at < out.len() {
+            let header = BatchHeader::parse(&out[at..])
+                .map_err(|error| corrupt(segment, at as u64, error.to_string()))?;
+            let total = header
+                .total_bytes()
+                .filter(|&total| at + total <= out.len())
+                .ok_or_else(|| {
+                    corrupt(segment, at as u64, "batch length runs past the read".into())
+                })?;
+            batch::check_batch(&out[at..at + total])
+                .map_err(|error| corrupt(segment, at as u64, error.to_string()))?;
+            if expected_offset.is_some_and(|expected| expected != header.base_offset) {
+                let reason = format!("offset discontinuity: batch says {}", header.base_offset);
+                return Err(corrupt(segment, at as u64, reason));
+            }
+            expected_offset = Some(header.last_offset() + 1);
+            at += total;
         }
         Ok((out, slice))
     }
@@ -205,7 +214,8 @@ impl<S: Storage> PartitionLog<S> {
         if header.is_log_append_time() || header.compression() != Some(Compression::None) {
             return Ok(header.base_offset);
         }
-        let bytes = read_exact_at(segment.reader(), position, total as usize)
+        let bytes = segment
+            .read_bytes(position, total as usize)
             .await
             .map_err(Self::read_io_error(segment))?;
         batch::check_batch(&bytes)
