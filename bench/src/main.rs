@@ -125,27 +125,158 @@ fn mib(value: u64) -> u64 {
     value * 1024 * 1024
 }
 
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Samples of one figure across rounds, each with the limit of its round.
+#[derive(Default)]
+struct Samples {
+    values: Vec<f64>,
+    limits: Vec<f64>,
+    notes: Vec<String>,
+}
+
+impl Samples {
+    fn push(&mut self, value: f64, limit: f64, note: String) {
+        self.values.push(value);
+        self.limits.push(limit);
+        self.notes.push(note);
+    }
+
+    /// The median value against the median limit; the ratio is the median of
+    /// the per-round ratios, so a slow round for the disk is a slow round for both.
+    fn row(&self, scenario: &str, driver: &str, limit_name: &str, target: &str) -> Row {
+        let mut values = self.values.clone();
+        let mut limits = self.limits.clone();
+        let mut ratios: Vec<f64> = self
+            .values
+            .iter()
+            .zip(&self.limits)
+            .map(|(value, limit)| value / limit)
+            .collect();
+        let mut row = Row::new(scenario, driver, median(&mut values), "GiB/s")
+            .against(limit_name, median(&mut limits));
+        row.ratio = Some(median(&mut ratios));
+        let spread = format!(
+            "median of {} rounds (min {:.2}, max {:.2} GiB/s)",
+            self.values.len(),
+            values.first().copied().unwrap_or(0.0),
+            values.last().copied().unwrap_or(0.0)
+        );
+        row.target(target).note(format!(
+            "{}; {spread}",
+            self.notes.last().cloned().unwrap_or_default()
+        ))
+    }
+}
+
 fn storage_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Vec<Row>> {
-    let (append_bytes, limit_bytes, recovery_bytes, sync_iterations) = if smoke {
-        (mib(48), mib(64), mib(48), 50)
+    let (append_bytes, limit_bytes, recovery_bytes, sync_iterations, rounds) = if smoke {
+        (mib(48), mib(64), mib(48), 50, 1)
     } else {
-        (mib(1024), mib(2048), mib(1024), 2000)
+        (mib(1024), mib(1024), mib(1024), 2000, 3)
     };
     let mut rows = Vec::new();
+    let mut drivers = vec![IoDriver::Portable];
+    match io_uring_unavailable_reason() {
+        None => drivers.insert(0, IoDriver::IoUring),
+        Some(reason) => eprintln!("io-uring driver unavailable, measuring portable only: {reason}"),
+    }
+    let policies = [
+        ("never", FsyncPolicy::Never),
+        ("every-batch", FsyncPolicy::EveryBatch),
+        ("interval-ms=100", FsyncPolicy::IntervalMs(100)),
+    ];
+
+    // Rounds: the limit, then every driver and policy, measured again each
+    // round, so a disk that is slow for a while is slow for the limit too.
+    let mut direct_samples = Vec::new();
+    let mut append_samples: Vec<((IoDriver, &str), Samples)> = Vec::new();
+    let mut amplification: Vec<(IoDriver, f64, Option<f64>)> = Vec::new();
+    for round in 0..rounds {
+        let limits_directory = storage::RunDirectory::new(data_dir, "limits")?;
+        eprintln!("round {}/{rounds}: raw direct write", round + 1);
+        let direct = limits::direct_write_bandwidth(limits_directory.path(), limit_bytes)
+            .context("raw direct write")?;
+        drop(limits_directory);
+        direct_samples.push(gib_per_second(direct));
+        for &driver in &drivers {
+            for (policy_name, policy) in policies {
+                let run = storage::RunDirectory::new(data_dir, "append")?;
+                eprintln!(
+                    "round {}/{rounds}: append, driver {driver}, fsync {policy_name}",
+                    round + 1
+                );
+                let figures = storage::append_run(driver, run.path(), policy, append_bytes)
+                    .with_context(|| format!("append with {driver}, {policy_name}"))?;
+                let mut note = format!(
+                    "{} MiB, {}, {} syncs",
+                    figures.bytes / mib(1),
+                    if figures.direct {
+                        "O_DIRECT"
+                    } else {
+                        "buffered"
+                    },
+                    figures.syncs
+                );
+                if let Some(latency) = figures.ack_latency {
+                    note.push_str(&format!(
+                        ", ack p50 {:.0} µs p99 {:.0} µs",
+                        latency.p50_us, latency.p99_us
+                    ));
+                }
+                let key = (driver, policy_name);
+                let index = match append_samples
+                    .iter()
+                    .position(|(existing, _)| *existing == key)
+                {
+                    Some(index) => index,
+                    None => {
+                        append_samples.push((key, Samples::default()));
+                        append_samples.len() - 1
+                    }
+                };
+                append_samples[index].1.push(
+                    gib_per_second(figures.bytes_per_second()),
+                    gib_per_second(direct),
+                    note,
+                );
+                if policy == FsyncPolicy::Never && round == 0 {
+                    amplification.push((
+                        driver,
+                        figures.process_write_amplification,
+                        figures.device_write_amplification,
+                    ));
+                }
+            }
+        }
+    }
     let limits_directory = storage::RunDirectory::new(data_dir, "limits")?;
-    eprintln!("measuring limits: direct write, buffered write, fdatasync");
-    let direct = limits::direct_write_bandwidth(limits_directory.path(), limit_bytes)
-        .context("raw direct write")?;
+    eprintln!("raw buffered write and fdatasync latency");
     let buffered = limits::buffered_write_bandwidth(limits_directory.path(), limit_bytes)
         .context("raw buffered write")?;
     let fdatasync = limits::fdatasync_latency(limits_directory.path(), sync_iterations)
         .context("raw fdatasync")?;
-    rows.push(Row::new(
-        "limit: sequential O_DIRECT write, 1 MiB blocks, QD16",
-        "raw",
-        gib_per_second(direct),
-        "GiB/s",
-    ));
+    drop(limits_directory);
+    let mut direct_sorted = direct_samples.clone();
+    rows.push(
+        Row::new(
+            "limit: sequential O_DIRECT write, 1 MiB blocks, QD16",
+            "raw",
+            median(&mut direct_sorted),
+            "GiB/s",
+        )
+        .note(format!(
+            "median of {} rounds: {:?}",
+            direct_samples.len(),
+            direct_samples
+                .iter()
+                .map(|value| format!("{value:.2}"))
+                .collect::<Vec<_>>()
+        )),
+    );
     rows.push(Row::new(
         "limit: buffered write + one fdatasync",
         "raw",
@@ -164,72 +295,33 @@ fn storage_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<V
             fdatasync.mean_us, fdatasync.p99_us
         )),
     );
-
-    let mut drivers = vec![IoDriver::Portable];
-    match io_uring_unavailable_reason() {
-        None => drivers.insert(0, IoDriver::IoUring),
-        Some(reason) => eprintln!("io-uring driver unavailable, measuring portable only: {reason}"),
+    for ((driver, policy_name), samples) in &append_samples {
+        let target = match (*driver, *policy_name) {
+            (IoDriver::IoUring, "never") => ">= 70%",
+            (IoDriver::IoUring, "every-batch") => ">= 25%",
+            _ => "",
+        };
+        rows.push(samples.row(
+            &format!("append 1 KiB records in 64 KiB batches, 1 partition, fsync {policy_name}"),
+            &driver.to_string(),
+            "direct write",
+            target,
+        ));
     }
-    let policies = [
-        ("never", FsyncPolicy::Never),
-        ("every-batch", FsyncPolicy::EveryBatch),
-        ("interval-ms=100", FsyncPolicy::IntervalMs(100)),
-    ];
-    for &driver in &drivers {
-        for (policy_name, policy) in policies {
-            let run = storage::RunDirectory::new(data_dir, "append")?;
-            eprintln!("append: driver {driver}, fsync {policy_name}");
-            let figures = storage::append_run(driver, run.path(), policy, append_bytes)
-                .with_context(|| format!("append with {driver}, {policy_name}"))?;
-            let target = match (driver, policy) {
-                (IoDriver::IoUring, FsyncPolicy::Never) => ">= 70%",
-                (IoDriver::IoUring, FsyncPolicy::EveryBatch) => ">= 25%",
-                _ => "",
-            };
-            let mut note = format!(
-                "{} MiB, {}, {} syncs",
-                figures.bytes / mib(1),
-                if figures.direct {
-                    "O_DIRECT"
-                } else {
-                    "buffered"
-                },
-                figures.syncs
-            );
-            if let Some(latency) = figures.ack_latency {
-                note.push_str(&format!(
-                    ", ack p50 {:.0} µs p99 {:.0} µs",
-                    latency.p50_us, latency.p99_us
-                ));
-            }
-            rows.push(
-                Row::new(
-                    &format!(
-                        "append 1 KiB records in 64 KiB batches, 1 partition, fsync {policy_name}"
-                    ),
-                    &driver.to_string(),
-                    gib_per_second(figures.bytes_per_second()),
-                    "GiB/s",
-                )
-                .against("direct write", gib_per_second(direct))
-                .target(target)
-                .note(note),
-            );
-            if policy == FsyncPolicy::Never {
-                let mut amplification = Row::new(
-                    "write amplification (process bytes to block layer / batch bytes), fsync never",
-                    &driver.to_string(),
-                    figures.process_write_amplification,
-                    "x",
-                )
-                .target("<= 1.05");
-                if let Some(device) = figures.device_write_amplification {
-                    amplification =
-                        amplification.note(format!("device sectors written / batch bytes: {device:.3} (includes journal and other processes)"));
-                }
-                rows.push(amplification);
-            }
+    for (driver, process, device) in amplification {
+        let mut row = Row::new(
+            "write amplification (process bytes to block layer / batch bytes), fsync never",
+            &driver.to_string(),
+            process,
+            "x",
+        )
+        .target("<= 1.05");
+        if let Some(device) = device {
+            row = row.note(format!(
+                "device sectors written / batch bytes: {device:.3} (includes journal and other processes)"
+            ));
         }
+        rows.push(row);
     }
 
     let read_driver = drivers[0];
@@ -240,12 +332,9 @@ fn storage_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<V
             append_bytes / mib(1)
         );
         storage::append_run(read_driver, run.path(), FsyncPolicy::Never, append_bytes)?;
-        let (cold_speed, cold) = storage::read_run(read_driver, run.path())?;
-        let (warm_speed, _) = {
-            // Without dropping the cache: the second read is served from memory.
-            let (runtime_speed, _) = storage::read_run(read_driver, run.path())?;
-            (runtime_speed, false)
-        };
+        let (cold_speed, cold) = storage::read_run(read_driver, run.path(), true)?;
+        let (warm_speed, _) = storage::read_run(read_driver, run.path(), false)?;
+        let direct = median(&mut direct_sorted);
         rows.push(
             Row::new(
                 "read sealed segments, checked owned bytes, 1 MiB reads",
@@ -253,7 +342,7 @@ fn storage_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<V
                 gib_per_second(cold_speed),
                 "GiB/s",
             )
-            .against("direct write", gib_per_second(direct))
+            .against("direct write", direct)
             .note(if cold {
                 "page cache dropped first"
             } else {

@@ -202,7 +202,7 @@ fn probe_direct(directory: &Path) -> bool {
 
 /// Reads a whole partition through the checked owned-bytes path, 1 MiB at a
 /// time. Returns bytes per second, and whether the page cache was dropped first.
-pub fn read_run(driver: IoDriver, directory: &Path) -> anyhow::Result<(f64, bool)> {
+pub fn read_run(driver: IoDriver, directory: &Path, cold: bool) -> anyhow::Result<(f64, bool)> {
     let (runtime, _) = runtime(driver)?;
     let storage = NodeStorage::for_driver(driver);
     runtime.block_on(async {
@@ -213,8 +213,10 @@ pub fn read_run(driver: IoDriver, directory: &Path) -> anyhow::Result<(f64, bool
         )
         .await?;
         // Seal the active segment too: this measures sealed segments.
-        log.roll().await?;
-        let cold = drop_page_cache();
+        if log.active_segment_bytes() > 0 {
+            log.roll().await?;
+        }
+        let cold = cold && drop_page_cache();
         let started = Instant::now();
         let mut offset = log.log_start_offset();
         let mut bytes = 0u64;

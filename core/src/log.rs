@@ -122,6 +122,11 @@ impl<S: Storage> PartitionLog<S> {
         self.durable.next_offset
     }
 
+    /// Bytes of the active segment.
+    pub fn active_segment_bytes(&self) -> u64 {
+        self.active().size_bytes
+    }
+
     /// Bytes of all segments.
     pub fn size_bytes(&self) -> u64 {
         self.segments
