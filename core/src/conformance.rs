@@ -15,7 +15,8 @@ use crate::segment;
 use crate::storage::{AlignedBuf, OpenMode, Storage, StorageFile, read_exact_at};
 
 /// A named check, generic over the storage.
-pub type Check<S> = fn(S, PathBuf) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+pub type Check<S> =
+    fn(S, PathBuf, LogConfig) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
 /// A batch of `count` records of `value_bytes` each, with timestamps from `timestamp_ms`.
 pub fn make_batch(count: usize, value_bytes: usize, timestamp_ms: i64, tag: u64) -> Vec<u8> {
@@ -99,8 +100,8 @@ async fn read_all<S: Storage>(log: &PartitionLog<S>, from: i64) -> Vec<u8> {
 
 /// Appends batches across several segments, reads each offset back, and finds
 /// the same bytes after a clean reopen, where offsets continue.
-pub async fn append_read_reopen<S: Storage>(storage: S, directory: &Path) {
-    let mut log = open(&storage, directory, small_config()).await;
+pub async fn append_read_reopen<S: Storage>(storage: S, directory: &Path, config: LogConfig) {
+    let mut log = open(&storage, directory, config).await;
     let mut appended = Vec::new();
     for tag in 0..40u64 {
         let batch = make_batch(
@@ -145,7 +146,7 @@ pub async fn append_read_reopen<S: Storage>(storage: S, directory: &Path) {
     log.close().await.expect("close");
     drop(log);
 
-    let (mut log, report) = PartitionLog::open(storage.clone(), directory, small_config())
+    let (mut log, report) = PartitionLog::open(storage.clone(), directory, config)
         .await
         .expect("reopen");
     assert!(
@@ -166,8 +167,12 @@ pub async fn append_read_reopen<S: Storage>(storage: S, directory: &Path) {
 }
 
 /// A batch that fails a check is refused and leaves the log as it was.
-pub async fn bad_batches_write_nothing<S: Storage>(storage: S, directory: &Path) {
-    let mut log = open(&storage, directory, small_config()).await;
+pub async fn bad_batches_write_nothing<S: Storage>(
+    storage: S,
+    directory: &Path,
+    config: LogConfig,
+) {
+    let mut log = open(&storage, directory, config).await;
     log.append(&make_batch(3, 50, 1, 1), 0)
         .await
         .expect("append");
@@ -189,7 +194,7 @@ pub async fn bad_batches_write_nothing<S: Storage>(storage: S, directory: &Path)
     assert!(log.append(&[0u8; 10], 0).await.is_err());
     let config = LogConfig {
         batch_bytes_max: 100,
-        ..small_config()
+        ..config
     };
     log.set_config(config);
     let error = log
@@ -203,8 +208,8 @@ pub async fn bad_batches_write_nothing<S: Storage>(storage: S, directory: &Path)
 
 /// Garbage after the last batch (a torn write) is cut on reopen, and the log
 /// continues from the last good batch.
-pub async fn torn_tail_is_cut<S: Storage>(storage: S, directory: &Path) {
-    let mut log = open(&storage, directory, small_config()).await;
+pub async fn torn_tail_is_cut<S: Storage>(storage: S, directory: &Path, config: LogConfig) {
+    let mut log = open(&storage, directory, config).await;
     for tag in 0..3 {
         log.append(&make_batch(2, 100, 10, tag), 0)
             .await
@@ -230,7 +235,7 @@ pub async fn torn_tail_is_cut<S: Storage>(storage: S, directory: &Path) {
     storage
         .remove_file(&directory.join(crate::checkpoint::CHECKPOINT_FILE_NAME))
         .expect("remove checkpoint");
-    let (mut log, report) = PartitionLog::open(storage.clone(), directory, small_config())
+    let (mut log, report) = PartitionLog::open(storage.clone(), directory, config)
         .await
         .expect("recover");
     assert_eq!(report.truncations.len(), 1, "{report:?}");
@@ -245,8 +250,8 @@ pub async fn torn_tail_is_cut<S: Storage>(storage: S, directory: &Path) {
 }
 
 /// Missing or damaged index files are rebuilt from the log, and lookups work.
-pub async fn indexes_are_rebuilt<S: Storage>(storage: S, directory: &Path) {
-    let mut log = open(&storage, directory, small_config()).await;
+pub async fn indexes_are_rebuilt<S: Storage>(storage: S, directory: &Path, config: LogConfig) {
+    let mut log = open(&storage, directory, config).await;
     for tag in 0..30 {
         log.append(&make_batch(3, 300, 100 + tag as i64 * 100, tag), 0)
             .await
@@ -270,7 +275,7 @@ pub async fn indexes_are_rebuilt<S: Storage>(storage: S, directory: &Path) {
         }
     }
     assert!(removed >= 4);
-    let (log, report) = PartitionLog::open(storage.clone(), directory, small_config())
+    let (log, report) = PartitionLog::open(storage.clone(), directory, config)
         .await
         .expect("reopen");
     assert!(report.indexes_rebuilt >= 1, "{report:?}");
@@ -282,8 +287,8 @@ pub async fn indexes_are_rebuilt<S: Storage>(storage: S, directory: &Path) {
 }
 
 /// Offsets by timestamp find the first record at or after the time.
-pub async fn offsets_by_timestamp<S: Storage>(storage: S, directory: &Path) {
-    let mut log = open(&storage, directory, small_config()).await;
+pub async fn offsets_by_timestamp<S: Storage>(storage: S, directory: &Path, config: LogConfig) {
+    let mut log = open(&storage, directory, config).await;
     // Batch `tag` holds records at 1000*tag + 0..4.
     for tag in 0..40 {
         log.append(&make_batch(4, 200, 1000 * tag as i64, tag), 0)
@@ -313,8 +318,12 @@ pub async fn offsets_by_timestamp<S: Storage>(storage: S, directory: &Path) {
 
 /// Retention by bytes and time and delete-records advance the log start;
 /// the active segment survives everything.
-pub async fn retention_and_delete_records<S: Storage>(storage: S, directory: &Path) {
-    let mut log = open(&storage, directory, small_config()).await;
+pub async fn retention_and_delete_records<S: Storage>(
+    storage: S,
+    directory: &Path,
+    config: LogConfig,
+) {
+    let mut log = open(&storage, directory, config).await;
     for tag in 0..60 {
         log.append(&make_batch(2, 500, 1000 * tag as i64, tag), 0)
             .await
@@ -325,7 +334,7 @@ pub async fn retention_and_delete_records<S: Storage>(storage: S, directory: &Pa
     assert!(segments >= 5);
     log.set_config(LogConfig {
         retention_bytes: Some(total / 2),
-        ..small_config()
+        ..config
     });
     let report = log.apply_retention(0).await.expect("retention");
     assert!(report.segments_deleted > 0);
@@ -346,7 +355,7 @@ pub async fn retention_and_delete_records<S: Storage>(storage: S, directory: &Pa
 
     log.set_config(LogConfig {
         retention_ms: Some(1000),
-        ..small_config()
+        ..config
     });
     let report = log
         .apply_retention(1_000_000)
@@ -363,7 +372,7 @@ pub async fn retention_and_delete_records<S: Storage>(storage: S, directory: &Pa
     assert!(log.delete_records_before(next + 5).await.is_err());
     log.close().await.expect("close");
     drop(log);
-    let log = open(&storage, directory, small_config()).await;
+    let log = open(&storage, directory, config).await;
     assert_eq!(
         log.log_start_offset(),
         next - 1,
@@ -373,10 +382,10 @@ pub async fn retention_and_delete_records<S: Storage>(storage: S, directory: &Pa
 }
 
 /// With log-append time, the stored batch carries the broker's time and a valid CRC.
-pub async fn log_append_time<S: Storage>(storage: S, directory: &Path) {
+pub async fn log_append_time<S: Storage>(storage: S, directory: &Path, config: LogConfig) {
     let config = LogConfig {
         timestamp_type: TimestampType::LogAppendTime,
-        ..small_config()
+        ..config
     };
     let mut log = open(&storage, directory, config).await;
     let info = log
@@ -394,8 +403,12 @@ pub async fn log_append_time<S: Storage>(storage: S, directory: &Path) {
 
 /// File ranges returned by reads hold exactly the batches, readable through
 /// the file handle they carry, across segments and within a byte budget.
-pub async fn file_ranges_cover_whole_batches<S: Storage>(storage: S, directory: &Path) {
-    let mut log = open(&storage, directory, small_config()).await;
+pub async fn file_ranges_cover_whole_batches<S: Storage>(
+    storage: S,
+    directory: &Path,
+    config: LogConfig,
+) {
+    let mut log = open(&storage, directory, config).await;
     for tag in 0..20 {
         log.append(&make_batch(2, 1000, tag as i64, tag), 0)
             .await
@@ -458,7 +471,7 @@ pub fn all<S: Storage + 'static>() -> Vec<(&'static str, Check<S>)> {
         ($($name:ident),* $(,)?) => {
             vec![$((
                 stringify!($name),
-                (|storage, directory| Box::pin(async move { $name(storage, &directory).await })) as Check<S>,
+                (|storage, directory, config| Box::pin(async move { $name(storage, &directory, config).await })) as Check<S>,
             )),*]
         };
     }

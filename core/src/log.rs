@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use config::{FsyncPolicy, LogConfig, TimestampType};
+pub use config::{ConfigError, FsyncPolicy, LogConfig, TimestampType};
 pub use error::{AppendError, MaintenanceError, OpenError, ReadError, SyncError, is_disk_full};
 pub use open::{RecoveryReport, Truncation};
 pub use read::{FileRange, ReadSlice};

@@ -29,7 +29,11 @@ fn run_suite<S: rill_core::storage::Storage + 'static>(
     for (name, check) in conformance::all::<S>() {
         let directory = tempfile::tempdir().expect("tempdir");
         eprintln!("{label}: {name}");
-        runtime.block_on(check(storage.clone(), directory.path().join("topic-0")));
+        runtime.block_on(check(
+            storage.clone(),
+            directory.path().join("topic-0"),
+            conformance::small_config(),
+        ));
     }
 }
 

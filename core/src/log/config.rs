@@ -65,3 +65,78 @@ impl Default for LogConfig {
         }
     }
 }
+
+/// A setting outside the range the log can honour.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key} = {value} is out of range: {reason}")]
+pub struct ConfigError {
+    pub key: &'static str,
+    pub value: u64,
+    pub reason: &'static str,
+}
+
+impl LogConfig {
+    /// Checks the settings against what the formats and the writer allow.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let fail = |key, value, reason| Err(ConfigError { key, value, reason });
+        if !(1024..=u64::from(u32::MAX)).contains(&self.segment_bytes_max) {
+            return fail(
+                "segment_bytes_max",
+                self.segment_bytes_max,
+                "must be between 1 KiB and 4 GiB - 1 (index positions are 32-bit)",
+            );
+        }
+        if self.batch_bytes_max < crate::batch::BATCH_HEADER_BYTES as u64
+            || self.batch_bytes_max > u64::from(u32::MAX)
+        {
+            return fail(
+                "batch_bytes_max",
+                self.batch_bytes_max,
+                "must hold a batch header and stay below 4 GiB (a larger batch gets a segment of its own)",
+            );
+        }
+        if self.index_interval_bytes == 0 {
+            return fail("index_interval_bytes", 0, "must be at least 1");
+        }
+        if self.fsync == FsyncPolicy::IntervalMs(0) {
+            return fail(
+                "fsync_interval_ms",
+                0,
+                "must be at least 1; use every-batch to sync each append",
+            );
+        }
+        if self.write_buffer_bytes > 64 * 1024 * 1024 {
+            return fail(
+                "write_buffer_bytes",
+                self.write_buffer_bytes as u64,
+                "must be at most 64 MiB per partition",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_pass_and_bad_values_name_their_key() {
+        assert_eq!(LogConfig::default().check(), Ok(()));
+        let huge = LogConfig {
+            segment_bytes_max: 8 << 30,
+            ..LogConfig::default()
+        };
+        let error = huge.check().expect_err("8 GiB segments");
+        assert_eq!(error.key, "segment_bytes_max");
+        assert!(error.to_string().contains("32-bit"), "{error}");
+        let zero = LogConfig {
+            fsync: FsyncPolicy::IntervalMs(0),
+            ..LogConfig::default()
+        };
+        assert_eq!(
+            zero.check().map_err(|error| error.key),
+            Err("fsync_interval_ms")
+        );
+    }
+}

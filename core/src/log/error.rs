@@ -70,6 +70,8 @@ pub enum SyncError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    #[error("invalid log settings: {0}")]
+    Config(#[from] super::config::ConfigError),
     #[error("cannot open log in {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }

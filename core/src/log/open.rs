@@ -55,6 +55,7 @@ impl<S: Storage> PartitionLog<S> {
         directory: &Path,
         config: LogConfig,
     ) -> Result<(Self, RecoveryReport), OpenError> {
+        config.check()?;
         let mut report = RecoveryReport::default();
         storage
             .create_dir_all(directory)
