@@ -2,4 +2,8 @@
 //! ownership, listeners, configuration and the `rill` CLI. The only crate that
 //! opens sockets and spawns threads; it runs `rill-core`'s log on compio.
 
+pub mod broker;
+pub mod cli;
+pub mod client;
+pub mod config;
 pub mod io;

@@ -1,11 +1,18 @@
-//! The `rill` command line.
+//! The `rill` command line: the broker (`rill serve`) and the tools around it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use rill_node::cli::{self as commands, ConsumeOptions, Output, ProduceOptions, ResetTo};
+use rill_node::client::{Client, ClientConfig};
+use rill_node::config::{self, MachineFacts};
 use rill_node::io::{IoDriverSetting, build_runtime, select_driver};
+use rill_protocol::Acks;
+
+/// The native listener clients use when `--broker` is not given.
+const DEFAULT_BROKER: &str = "127.0.0.1:7470";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -18,17 +25,160 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, clap::Args)]
+struct BrokerArgument {
+    /// The broker's native listener.
+    #[arg(long, global = true, env = "RILL_BROKER", default_value = DEFAULT_BROKER)]
+    broker: String,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the broker (embedded defaults: data in ./rill-data, listeners on loopback).
+    Serve {
+        /// A TOML configuration file.
+        #[arg(long, env = "RILL_CONFIG")]
+        config: Option<PathBuf>,
+        /// Override one setting: `section.key=value` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Create, list, describe, alter and delete topics.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+        #[command(flatten)]
+        broker: BrokerArgument,
+    },
+    /// Produce lines from stdin or files as records.
+    Produce {
+        topic: String,
+        /// Files to read, one record per line (default: stdin).
+        files: Vec<PathBuf>,
+        /// A key for every record (records then go to the key's partition).
+        #[arg(long)]
+        key: Option<String>,
+        /// A fixed partition.
+        #[arg(long)]
+        partition: Option<u32>,
+        /// When the broker answers: none, written or durable.
+        #[arg(long, value_enum, default_value_t = AcksArgument::Durable)]
+        acks: AcksArgument,
+        #[command(flatten)]
+        broker: BrokerArgument,
+    },
+    /// Print records of a topic.
+    Consume {
+        topic: String,
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Start at the earliest offset (unless --offset or a committed group offset says otherwise).
+        #[arg(long)]
+        from_beginning: bool,
+        #[arg(long)]
+        offset: Option<i64>,
+        /// Resume from and commit to this consumer group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Keep waiting for new records.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        max_records: Option<u64>,
+        #[arg(long, value_enum, default_value_t = OutputArgument::Text)]
+        output: OutputArgument,
+        #[command(flatten)]
+        broker: BrokerArgument,
+    },
+    /// Consumer groups and their committed offsets.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+        #[command(flatten)]
+        broker: BrokerArgument,
+    },
     /// Work with the log files of a data directory.
     Log {
         #[command(subcommand)]
         command: LogCommand,
     },
+    /// The broker's state: driver, shards, topics, connections, data.
+    Status {
+        #[command(flatten)]
+        broker: BrokerArgument,
+    },
+    /// Hardware profiles: list, show, detect.
+    Profile {
+        #[command(subcommand)]
+        command: ProfileCommand,
+    },
+    /// Check a configuration file, or list every key.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Show which I/O driver Rill would use here, and why.
     Io {
         #[command(subcommand)]
         command: IoCommand,
+    },
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AcksArgument {
+    None,
+    Written,
+    Durable,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutputArgument {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicCommand {
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// A topic setting `key=value` (repeatable), e.g. retention_ms=86400000.
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+    },
+    List,
+    Describe {
+        name: String,
+    },
+    Alter {
+        name: String,
+        #[arg(long)]
+        partitions: Option<u32>,
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    List,
+    Describe {
+        group: String,
+    },
+    /// Move a group's committed offsets for a topic.
+    ResetOffsets {
+        group: String,
+        #[arg(long)]
+        topic: String,
+        /// earliest, latest, offset:N or timestamp:MS
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -40,6 +190,24 @@ enum LogCommand {
         /// A data directory, or any directory below it.
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProfileCommand {
+    List,
+    Show {
+        name: String,
+    },
+    /// Read this machine's CPU, memory and disks and say which profile fits.
+    Detect,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a file; errors point at the key and line.
+    Check { file: PathBuf },
+    /// Every key with its default and unit.
+    Keys,
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,8 +238,178 @@ fn main() -> ExitCode {
     }
 }
 
+fn key_values(settings: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    settings
+        .iter()
+        .map(|setting| {
+            setting
+                .split_once('=')
+                .map(|(key, value)| (key.trim().to_string(), value.trim().to_string()))
+                .ok_or_else(|| anyhow::anyhow!("`{setting}` is not key=value"))
+        })
+        .collect()
+}
+
+/// Runs a client command on a small runtime of its own.
+fn with_client<F, Fut>(broker: &str, command: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = compio::runtime::Runtime::new().context("starting the client runtime")?;
+    runtime.block_on(async {
+        let config = ClientConfig {
+            client_id: "rill-cli".into(),
+            ..ClientConfig::default()
+        };
+        let client = Client::connect(broker, config).await?;
+        command(client).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_reset(to: &str) -> anyhow::Result<ResetTo> {
+    match to {
+        "earliest" => Ok(ResetTo::Earliest),
+        "latest" => Ok(ResetTo::Latest),
+        other => {
+            if let Some(offset) = other.strip_prefix("offset:") {
+                return Ok(ResetTo::Offset(
+                    offset.parse().context("offset:N needs a number")?,
+                ));
+            }
+            if let Some(time) = other.strip_prefix("timestamp:") {
+                return Ok(ResetTo::Timestamp(
+                    time.parse().context("timestamp:MS needs milliseconds")?,
+                ));
+            }
+            anyhow::bail!("--to must be earliest, latest, offset:N or timestamp:MS, not `{other}`")
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve { config, sets } => {
+            let environment: Vec<(String, String)> = std::env::vars().collect();
+            let machine = MachineFacts::read();
+            let config = config::load(config.as_deref(), &sets, &environment, &machine)
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            rill_node::broker::serve(config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topic { command, broker } => with_client(&broker.broker, |client| async move {
+            use commands as topic;
+            match command {
+                TopicCommand::Create {
+                    name,
+                    partitions,
+                    settings,
+                } => topic::topic_create(&client, &name, partitions, &key_values(&settings)?).await,
+                TopicCommand::List => topic::topic_list(&client).await,
+                TopicCommand::Describe { name } => topic::topic_describe(&client, &name).await,
+                TopicCommand::Alter {
+                    name,
+                    partitions,
+                    settings,
+                } => topic::topic_alter(&client, &name, partitions, &key_values(&settings)?).await,
+                TopicCommand::Delete { name } => topic::topic_delete(&client, &name).await,
+            }
+        }),
+        Command::Produce {
+            topic,
+            files,
+            key,
+            partition,
+            acks,
+            broker,
+        } => with_client(&broker.broker, |client| async move {
+            let options = ProduceOptions {
+                key,
+                partition,
+                acks: match acks {
+                    AcksArgument::None => Acks::None,
+                    AcksArgument::Written => Acks::Written,
+                    AcksArgument::Durable => Acks::Durable,
+                },
+                files,
+                ..ProduceOptions::default()
+            };
+            commands::produce(&client, &topic, options).await
+        }),
+        Command::Consume {
+            topic,
+            partition,
+            from_beginning,
+            offset,
+            group,
+            follow,
+            max_records,
+            output,
+            broker,
+        } => with_client(&broker.broker, |client| async move {
+            let options = ConsumeOptions {
+                partition,
+                from_beginning,
+                offset,
+                group,
+                follow,
+                max_records,
+                output: match output {
+                    OutputArgument::Text => Output::Text,
+                    OutputArgument::Json => Output::Json,
+                },
+            };
+            commands::consume(&client, &topic, options).await
+        }),
+        Command::Group { command, broker } => with_client(&broker.broker, |client| async move {
+            use commands as group;
+            match command {
+                GroupCommand::List => group::group_list(&client).await,
+                GroupCommand::Describe { group: name } => {
+                    group::group_describe(&client, &name).await
+                }
+                GroupCommand::ResetOffsets {
+                    group: name,
+                    topic,
+                    to,
+                } => group::group_reset_offsets(&client, &name, &topic, parse_reset(&to)?).await,
+            }
+        }),
+        Command::Status { broker } => with_client(&broker.broker, |client| async move {
+            commands::status(&client).await
+        }),
+        Command::Log {
+            command: LogCommand::Verify { dir },
+        } => verify(&dir),
+        Command::Profile { command } => profile(command),
+        Command::Config { command } => match command {
+            ConfigCommand::Check { file } => match config::check_file(&file) {
+                Ok(checked) => {
+                    println!(
+                        "{}: valid (profile {}, {} shards, native listener {})",
+                        file.display(),
+                        checked.profile,
+                        checked.node.shards,
+                        checked.listeners.native
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(error) => {
+                    eprintln!("{error}");
+                    Ok(ExitCode::FAILURE)
+                }
+            },
+            ConfigCommand::Keys => {
+                for key in config::documented_keys() {
+                    println!(
+                        "{:<40} {:<14} {:<8} {}",
+                        key.key, key.default, key.unit, key.meaning
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         Command::Io {
             command: IoCommand::Probe { io_driver },
         } => {
@@ -82,10 +420,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("runtime: {:?}", runtime.driver_type());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Log {
-            command: LogCommand::Verify { dir },
-        } => verify(&dir),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "rill", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn profile(command: ProfileCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ProfileCommand::List => {
+            for profile in config::builtin_profiles() {
+                println!("{:<18} {}", profile.name, profile.description);
+            }
+        }
+        ProfileCommand::Show { name } => {
+            let profile = config::profile::find(&name).with_context(|| {
+                let names: Vec<&str> = config::builtin_profiles()
+                    .iter()
+                    .map(|profile| profile.name)
+                    .collect();
+                format!(
+                    "no profile `{name}`; built-in profiles: {}",
+                    names.join(", ")
+                )
+            })?;
+            print!("{}", profile.raw_toml);
+        }
+        ProfileCommand::Detect => {
+            let detection = config::detect(&MachineFacts::read());
+            println!("profile: {}", detection.profile);
+            for reason in detection.reasons {
+                println!("  {reason}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn verify(dir: &std::path::Path) -> anyhow::Result<ExitCode> {

@@ -1,0 +1,913 @@
+//! The shard thread and the native protocol's connections.
+//!
+//! A connection reads frames, checks them, and dispatches each request in the
+//! order it arrived: a produce is queued at the owning shard before the next
+//! frame is read, so pipelined produces to one partition keep their order.
+//! Waiting (for a sync, for long-poll data) happens in a task per request, so
+//! many requests are in flight at once, up to `requests_in_flight_max`; the
+//! connection stops reading while that many are pending. Responses go out
+//! through one writer task in completion order, matched by correlation id.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use compio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use compio::net::{TcpListener, TcpStream};
+use futures_channel::{mpsc, oneshot};
+use futures_util::StreamExt;
+use futures_util::future::{Either, FutureExt, Shared as SharedFuture, select};
+use rill_protocol::frame::encode_frame_vec;
+use rill_protocol::message::{GroupInfo, PartitionInfo, StatusInfo, TopicInfo};
+use rill_protocol::partitioner::partition_for_key;
+use rill_protocol::{
+    Acks, ErrorCode, FrameError, OffsetSpec, PROTOCOL_VERSION, Request, RequestFrame, Response,
+    ResponseFrame, Target, split_frame,
+};
+
+use super::errors::OpError;
+use super::shard::{FetchData, ShardOp, Storage, TICK_MS};
+use super::topics::{TopicMeta, TopicView, shard_of};
+use super::{
+    Shared, alter_topic, create_topic, delete_topic, ensure_topic, parse_settings, settings_text,
+    shard_ready,
+};
+use crate::io::build_runtime;
+
+/// A future that completes when this shard starts shutting down.
+type ShutdownSignal = SharedFuture<oneshot::Receiver<()>>;
+
+/// How long a stopping shard waits for its connections to finish in-flight requests.
+const SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// Bytes a connection's read buffer starts with.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// The body of a shard thread: runtime, partitions, acceptor, storage task.
+pub fn shard_main(
+    index: usize,
+    shared: Arc<Shared>,
+    inbox: mpsc::UnboundedReceiver<ShardOp>,
+    listener: std::net::TcpListener,
+) -> anyhow::Result<()> {
+    if shared.config.node.pin_threads {
+        super::pin_to_core(index);
+    }
+    let mut selection = shared.driver.clone();
+    let runtime = build_runtime(&mut selection)?;
+    runtime.block_on(async move {
+        let inbox_sender = shared.inboxes[index].clone();
+        let mut storage = Storage::new(index as u32, shared.clone(), inbox_sender.clone());
+        let view = shared.topics.snapshot();
+        for (topic, meta) in view.table.iter() {
+            for partition in 0..meta.partitions {
+                if shard_of(topic, partition, shared.shards()) == index {
+                    storage
+                        .open_partition(&(topic.clone(), partition), &meta.settings)
+                        .await
+                        .map_err(|error| {
+                            anyhow::anyhow!("opening {topic}/{partition}: {}", error.message)
+                        })?;
+                }
+            }
+        }
+        let (stop, stopped) = oneshot::channel::<()>();
+        let stopped: ShutdownSignal = stopped.shared();
+        let listener = TcpListener::from_std(listener)?;
+        compio::runtime::spawn(accept_loop(listener, shared.clone(), stopped.clone())).detach();
+        compio::runtime::spawn(tick_loop(inbox_sender)).detach();
+        compio::runtime::spawn(stop_on_shutdown(shared.clone(), stop)).detach();
+        shard_ready(&shared);
+        storage.run(inbox).await;
+        anyhow::Ok(())
+    })
+}
+
+/// Fires the shard's stop signal when the broker starts shutting down, and
+/// gives up on connections that have not finished within the grace period.
+async fn stop_on_shutdown(shared: Arc<Shared>, stop: oneshot::Sender<()>) {
+    while !shared.is_shutting_down() {
+        compio::time::sleep(Duration::from_millis(TICK_MS)).await;
+    }
+    let _ = stop.send(());
+    compio::time::sleep(Duration::from_millis(SHUTDOWN_GRACE_MS)).await;
+    if shared.connections_open() > 0 {
+        tracing::warn!(
+            open = shared.connections_open(),
+            "connections did not finish in time; closing anyway"
+        );
+    }
+}
+
+async fn tick_loop(inbox: mpsc::UnboundedSender<ShardOp>) {
+    loop {
+        compio::time::sleep(Duration::from_millis(TICK_MS)).await;
+        if inbox.unbounded_send(ShardOp::Tick).is_err() {
+            return;
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stopped: ShutdownSignal) {
+    loop {
+        let accepted = match select(Box::pin(listener.accept()), stopped.clone()).await {
+            Either::Left((accepted, _)) => accepted,
+            Either::Right(_) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                continue;
+            }
+        };
+        if !shared.try_add_connection() {
+            shared
+                .metrics
+                .connections_rejected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(%peer, limit = shared.config.limits.connections_max, "connection refused: connections_max reached");
+            let frame = response_frame(
+                0,
+                Response::Error {
+                    code: ErrorCode::TooManyRequests,
+                    message: "connections_max reached; try again later",
+                },
+                &[],
+            );
+            compio::runtime::spawn(async move {
+                let mut stream = stream;
+                let _ = stream.write_all(frame).await;
+            })
+            .detach();
+            continue;
+        }
+        let connection = Connection::new(shared.clone(), peer);
+        compio::runtime::spawn(connection.serve(stream, stopped.clone())).detach();
+    }
+}
+
+fn response_frame(correlation_id: u32, response: Response<'_>, trailing: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + trailing.len());
+    encode_frame_vec(
+        &ResponseFrame {
+            correlation_id,
+            response,
+        },
+        trailing.len() as u32,
+        &mut out,
+    );
+    out.extend_from_slice(trailing);
+    out
+}
+
+fn error_frame(correlation_id: u32, error: &OpError) -> Vec<u8> {
+    response_frame(
+        correlation_id,
+        Response::Error {
+            code: error.code,
+            message: &error.message,
+        },
+        &[],
+    )
+}
+
+/// Counts a connection's requests in flight and wakes the reader when one ends.
+#[derive(Default)]
+struct InFlight {
+    count: Cell<u32>,
+    waiter: RefCell<Option<oneshot::Sender<()>>>,
+}
+
+impl InFlight {
+    fn finish(&self) {
+        self.count.set(self.count.get().saturating_sub(1));
+        if let Some(waiter) = self.waiter.borrow_mut().take() {
+            let _ = waiter.send(());
+        }
+    }
+
+    async fn below(&self, limit: u32) {
+        while self.count.get() >= limit {
+            let (sender, receiver) = oneshot::channel();
+            *self.waiter.borrow_mut() = Some(sender);
+            let _ = receiver.await;
+        }
+    }
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    writer: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    in_flight: Rc<InFlight>,
+    view: TopicView,
+    handshaken: bool,
+    next_partition: Cell<u32>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.shared.remove_connection();
+    }
+}
+
+async fn write_loop(mut stream: TcpStream, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(mut frame) = frames.next().await {
+        // Coalesce what is already queued into one write.
+        while let Ok(more) = frames.try_recv() {
+            frame.extend_from_slice(&more);
+            if frame.len() >= 1024 * 1024 {
+                break;
+            }
+        }
+        if stream.write_all(frame).await.0.is_err() {
+            return;
+        }
+    }
+    let _ = stream.shutdown().await;
+}
+
+impl Connection {
+    fn new(shared: Arc<Shared>, peer: SocketAddr) -> Self {
+        let view = shared.topics.snapshot();
+        Self {
+            shared,
+            peer,
+            writer: None,
+            in_flight: Rc::new(InFlight::default()),
+            view,
+            handshaken: false,
+            next_partition: Cell::new(0),
+        }
+    }
+
+    fn send_frame(&self, frame: Vec<u8>) {
+        if let Some(writer) = &self.writer {
+            let _ = writer.unbounded_send(frame);
+        }
+    }
+
+    async fn serve(mut self, stream: TcpStream, stopped: ShutdownSignal) {
+        let _ = stream.set_nodelay(true);
+        let (writer, frames) = mpsc::unbounded();
+        self.writer = Some(writer);
+        let writer_task = compio::runtime::spawn(write_loop(stream.clone(), frames));
+        let mut reader = stream;
+        let limits = &self.shared.config.limits;
+        let frame_bytes_max = limits.frame_bytes_max;
+        let in_flight_max = limits.requests_in_flight_max.max(1);
+        let mut buffer: Vec<u8> = Vec::with_capacity(READ_BUFFER_BYTES);
+        'connection: loop {
+            let mut consumed = 0;
+            loop {
+                match split_frame(&buffer[consumed..], frame_bytes_max) {
+                    Ok(Some((body, used))) => {
+                        let body = body.to_vec();
+                        consumed += used;
+                        if !self.handle_frame(&body).await {
+                            break 'connection;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        self.reject(&error);
+                        break 'connection;
+                    }
+                }
+            }
+            buffer.drain(..consumed);
+            self.in_flight.below(in_flight_max).await;
+            if self.shared.is_shutting_down() {
+                break;
+            }
+            // Room for the rest of the frame being read (bounded by frame_bytes_max).
+            let wanted = match buffer.len() {
+                length if length >= 4 => {
+                    let declared =
+                        u32::from_le_bytes([buffer[0], buffer[1], buffer[2], buffer[3]]) as usize;
+                    (declared + 4).saturating_sub(length).max(4096)
+                }
+                _ => READ_BUFFER_BYTES,
+            };
+            buffer.reserve(wanted);
+            let read = select(
+                Box::pin(reader.append(std::mem::take(&mut buffer))),
+                stopped.clone(),
+            )
+            .await;
+            match read {
+                Either::Left((compio::BufResult(result, returned), _)) => {
+                    buffer = returned;
+                    match result {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+                Either::Right(_) => break,
+            }
+            if buffer.capacity() > 4 * READ_BUFFER_BYTES && buffer.len() < READ_BUFFER_BYTES {
+                buffer.shrink_to(READ_BUFFER_BYTES);
+            }
+        }
+        // Finish what is in flight, then let the writer drain and close.
+        self.in_flight.below(1).await;
+        self.writer = None;
+        let _ = writer_task.await;
+    }
+
+    fn reject(&self, error: &FrameError) {
+        self.shared
+            .metrics
+            .frames_rejected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(peer = %self.peer, %error, "closing connection after a bad frame");
+        let code = match error {
+            FrameError::TooLarge { .. } => ErrorCode::InvalidRequest,
+            _ => ErrorCode::InvalidRequest,
+        };
+        self.send_frame(error_frame(0, &OpError::new(code, error.to_string())));
+    }
+
+    /// Handles one frame. Returns `false` when the connection must close.
+    async fn handle_frame(&mut self, body: &[u8]) -> bool {
+        let frame = match RequestFrame::decode(body) {
+            Ok(frame) => frame,
+            Err(error) => {
+                self.reject(&error);
+                return false;
+            }
+        };
+        let correlation_id = frame.correlation_id;
+        if !self.handshaken {
+            return match frame.request {
+                Request::Handshake {
+                    protocol_version,
+                    client_id,
+                } if protocol_version >= 1 => {
+                    self.handshaken = true;
+                    tracing::debug!(peer = %self.peer, client_id, protocol_version, "client connected");
+                    let response = Response::HandshakeOk {
+                        protocol_version: protocol_version.min(PROTOCOL_VERSION),
+                        broker_version: env!("CARGO_PKG_VERSION"),
+                        frame_bytes_max: self.shared.config.limits.frame_bytes_max,
+                    };
+                    self.send_frame(response_frame(correlation_id, response, &[]));
+                    true
+                }
+                Request::Handshake {
+                    protocol_version, ..
+                } => {
+                    let message = format!(
+                        "protocol version {protocol_version} is not supported; this broker speaks 1 to {PROTOCOL_VERSION}"
+                    );
+                    self.send_frame(error_frame(
+                        correlation_id,
+                        &OpError::new(ErrorCode::UnsupportedVersion, message),
+                    ));
+                    false
+                }
+                _ => {
+                    let error =
+                        OpError::new(ErrorCode::HandshakeRequired, "send a handshake first");
+                    self.send_frame(error_frame(correlation_id, &error));
+                    false
+                }
+            };
+        }
+        self.shared.topics.refresh(&mut self.view);
+        self.in_flight.count.set(self.in_flight.count.get() + 1);
+        let started = Instant::now();
+        match frame.request {
+            Request::Produce {
+                topic,
+                target,
+                acks,
+                batch,
+            } => {
+                let pending = self.dispatch_produce(topic, target, acks, batch).await;
+                let task = self.finish_produce(correlation_id, acks, pending, started);
+                compio::runtime::spawn(task).detach();
+            }
+            Request::Handshake { .. } => {
+                let error = OpError::new(
+                    ErrorCode::InvalidRequest,
+                    "second handshake on one connection",
+                );
+                self.send_frame(error_frame(correlation_id, &error));
+                self.in_flight.finish();
+                return false;
+            }
+            request => {
+                let shared = self.shared.clone();
+                let writer = self.writer.clone();
+                let in_flight = self.in_flight.clone();
+                let owned = OwnedRequest::from(request);
+                let view = self.view.clone();
+                let any_partition = self.next_partition.get();
+                compio::runtime::spawn(async move {
+                    let frame = match answer(&shared, &view, owned, any_partition).await {
+                        Ok(frame) => frame(correlation_id),
+                        Err(error) => error_frame(correlation_id, &error),
+                    };
+                    if let Some(writer) = writer {
+                        let _ = writer.unbounded_send(frame);
+                    }
+                    in_flight.finish();
+                })
+                .detach();
+            }
+        }
+        true
+    }
+
+    /// Resolves the partition and queues the append at its owner, in arrival order.
+    async fn dispatch_produce(
+        &mut self,
+        topic: &str,
+        target: Target<'_>,
+        acks: Acks,
+        batch: &[u8],
+    ) -> Result<PendingAppend, OpError> {
+        let meta = match self.view.table.get(topic) {
+            Some(meta) => meta.clone(),
+            None => {
+                let meta = ensure_topic(&self.shared, topic).await?;
+                self.shared.topics.refresh(&mut self.view);
+                meta
+            }
+        };
+        let partition = match target {
+            Target::Partition(partition) if partition < meta.partitions => partition,
+            Target::Partition(partition) => {
+                return Err(OpError::new(
+                    ErrorCode::UnknownPartition,
+                    format!(
+                        "topic {topic} has partitions 0..{}, not {partition}",
+                        meta.partitions
+                    ),
+                ));
+            }
+            Target::Key(key) => partition_for_key(key, meta.partitions),
+            Target::Any => {
+                let next = self.next_partition.get();
+                self.next_partition.set(next.wrapping_add(1));
+                next % meta.partitions
+            }
+        };
+        let owner = shard_of(topic, partition, self.shared.shards());
+        let (reply, answer) = oneshot::channel();
+        self.shared.send(
+            owner,
+            ShardOp::Produce {
+                key: (topic.to_string(), partition),
+                batch: batch.to_vec(),
+                acks,
+                reply,
+            },
+        )?;
+        Ok((partition, answer))
+    }
+
+    fn finish_produce(
+        &self,
+        correlation_id: u32,
+        acks: Acks,
+        pending: Result<PendingAppend, OpError>,
+        started: Instant,
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        let writer = self.writer.clone();
+        let in_flight = self.in_flight.clone();
+        let shared = self.shared.clone();
+        async move {
+            let result = match pending {
+                Ok((partition, answer)) => answer
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(OpError::new(ErrorCode::ShuttingDown, "the shard stopped"))
+                    })
+                    .map(|info| (partition, info)),
+                Err(error) => Err(error),
+            };
+            shared.metrics.produce_latency.record(started.elapsed());
+            let frame = match result {
+                Ok(_) if acks == Acks::None => None,
+                Ok((partition, info)) => Some(response_frame(
+                    correlation_id,
+                    Response::Produced {
+                        partition,
+                        base_offset: info.base_offset,
+                        last_offset: info.last_offset,
+                        log_append_time_ms: info.log_append_time_ms,
+                    },
+                    &[],
+                )),
+                // Fire-and-forget producers get no answer, not even errors.
+                Err(_) if acks == Acks::None => None,
+                Err(error) => Some(error_frame(correlation_id, &error)),
+            };
+            if let (Some(frame), Some(writer)) = (frame, writer) {
+                let _ = writer.unbounded_send(frame);
+            }
+            in_flight.finish();
+        }
+    }
+}
+
+/// The partition a produce went to and the answer its shard will give.
+type PendingAppend = (
+    u32,
+    oneshot::Receiver<Result<rill_core::log::AppendInfo, OpError>>,
+);
+
+/// A request with owned fields, for answering in a task of its own.
+enum OwnedRequest {
+    Ping,
+    Fetch {
+        topic: String,
+        partition: u32,
+        offset: i64,
+        max_bytes: u32,
+        min_bytes: u32,
+        max_wait_ms: u32,
+    },
+    ListOffsets {
+        topic: String,
+        partition: u32,
+        at: OffsetSpec,
+    },
+    Metadata {
+        topic: Option<String>,
+    },
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        settings: String,
+    },
+    DescribeTopic {
+        name: String,
+    },
+    AlterTopic {
+        name: String,
+        partitions: Option<u32>,
+        settings: String,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    CommitOffset {
+        group: String,
+        topic: String,
+        partition: u32,
+        offset: i64,
+    },
+    FetchOffset {
+        group: String,
+        topic: String,
+        partition: u32,
+    },
+    ListGroups,
+    Status,
+    Unexpected,
+}
+
+impl From<Request<'_>> for OwnedRequest {
+    fn from(request: Request<'_>) -> Self {
+        match request {
+            Request::Ping => Self::Ping,
+            Request::Fetch {
+                topic,
+                partition,
+                offset,
+                max_bytes,
+                min_bytes,
+                max_wait_ms,
+            } => Self::Fetch {
+                topic: topic.into(),
+                partition,
+                offset,
+                max_bytes,
+                min_bytes,
+                max_wait_ms,
+            },
+            Request::ListOffsets {
+                topic,
+                partition,
+                at,
+            } => Self::ListOffsets {
+                topic: topic.into(),
+                partition,
+                at,
+            },
+            Request::Metadata { topic } => Self::Metadata {
+                topic: topic.map(Into::into),
+            },
+            Request::CreateTopic {
+                name,
+                partitions,
+                settings,
+            } => Self::CreateTopic {
+                name: name.into(),
+                partitions,
+                settings: settings.into(),
+            },
+            Request::DescribeTopic { name } => Self::DescribeTopic { name: name.into() },
+            Request::AlterTopic {
+                name,
+                partitions,
+                settings,
+            } => Self::AlterTopic {
+                name: name.into(),
+                partitions,
+                settings: settings.into(),
+            },
+            Request::DeleteTopic { name } => Self::DeleteTopic { name: name.into() },
+            Request::CommitOffset {
+                group,
+                topic,
+                partition,
+                offset,
+            } => Self::CommitOffset {
+                group: group.into(),
+                topic: topic.into(),
+                partition,
+                offset,
+            },
+            Request::FetchOffset {
+                group,
+                topic,
+                partition,
+            } => Self::FetchOffset {
+                group: group.into(),
+                topic: topic.into(),
+                partition,
+            },
+            Request::ListGroups => Self::ListGroups,
+            Request::Status => Self::Status,
+            Request::Handshake { .. } | Request::Produce { .. } => Self::Unexpected,
+        }
+    }
+}
+
+type FrameBuilder = Box<dyn FnOnce(u32) -> Vec<u8>>;
+
+fn reply(response: Response<'static>) -> FrameBuilder {
+    Box::new(move |correlation_id| response_frame(correlation_id, response, &[]))
+}
+
+fn topic_meta(view: &TopicView, topic: &str) -> Result<TopicMeta, OpError> {
+    view.table.get(topic).cloned().ok_or_else(|| {
+        OpError::new(
+            ErrorCode::UnknownTopic,
+            format!("topic {topic} does not exist"),
+        )
+    })
+}
+
+fn owner_of(
+    shared: &Shared,
+    view: &TopicView,
+    topic: &str,
+    partition: u32,
+) -> Result<usize, OpError> {
+    let meta = topic_meta(view, topic)?;
+    if partition >= meta.partitions {
+        return Err(OpError::new(
+            ErrorCode::UnknownPartition,
+            format!(
+                "topic {topic} has partitions 0..{}, not {partition}",
+                meta.partitions
+            ),
+        ));
+    }
+    Ok(shard_of(topic, partition, shared.shards()))
+}
+
+async fn topic_infos(
+    shared: &Shared,
+    view: &TopicView,
+    only: Option<&str>,
+) -> Result<Vec<TopicInfo>, OpError> {
+    if let Some(topic) = only {
+        topic_meta(view, topic)?;
+    }
+    let stats = shared.partition_stats().await;
+    Ok(view
+        .table
+        .iter()
+        .filter(|(name, _)| only.is_none_or(|only| only == name.as_str()))
+        .map(|(name, meta)| TopicInfo {
+            name: name.clone(),
+            partitions: stats
+                .iter()
+                .filter(|stats| &stats.topic == name)
+                .map(|stats| PartitionInfo {
+                    partition: stats.partition,
+                    shard: stats.shard,
+                    log_start_offset: stats.log_start_offset,
+                    next_offset: stats.next_offset,
+                    size_bytes: stats.size_bytes,
+                })
+                .collect(),
+            settings: settings_text(&meta.settings),
+        })
+        .collect())
+}
+
+async fn fetch_with_wait(
+    shared: &Shared,
+    owner: usize,
+    key: (String, u32),
+    offset: i64,
+    max_bytes: u64,
+    min_bytes: u64,
+    max_wait: Duration,
+) -> Result<FetchData, OpError> {
+    let deadline = Instant::now() + max_wait;
+    loop {
+        let data = shared
+            .call(owner, |reply| ShardOp::Fetch {
+                key: key.clone(),
+                offset,
+                max_bytes,
+                reply,
+            })
+            .await??;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if data.bytes.len() as u64 >= min_bytes.max(1)
+            || remaining.is_zero()
+            || shared.is_shutting_down()
+        {
+            return Ok(data);
+        }
+        let (reply, woken) = oneshot::channel();
+        shared.send(
+            owner,
+            ShardOp::WaitForData {
+                key: key.clone(),
+                offset: data.next_offset.max(offset),
+                reply,
+            },
+        )?;
+        // Either new data arrived or the wait is over: fetch once more.
+        let _ = compio::time::timeout(remaining, woken).await;
+        if Instant::now() >= deadline {
+            return shared
+                .call(owner, |reply| ShardOp::Fetch {
+                    key: key.clone(),
+                    offset,
+                    max_bytes,
+                    reply,
+                })
+                .await?;
+        }
+    }
+}
+
+async fn answer(
+    shared: &Shared,
+    view: &TopicView,
+    request: OwnedRequest,
+    _any: u32,
+) -> Result<FrameBuilder, OpError> {
+    let limits = &shared.config.limits;
+    Ok(match request {
+        OwnedRequest::Ping => reply(Response::Pong),
+        OwnedRequest::Fetch {
+            topic,
+            partition,
+            offset,
+            max_bytes,
+            min_bytes,
+            max_wait_ms,
+        } => {
+            let started = Instant::now();
+            let owner = owner_of(shared, view, &topic, partition)?;
+            let max_bytes = u64::from(max_bytes.min(limits.fetch_bytes_max).max(1));
+            let max_wait =
+                Duration::from_millis(u64::from(max_wait_ms).min(limits.fetch_wait_ms_max));
+            let data = fetch_with_wait(
+                shared,
+                owner,
+                (topic, partition),
+                offset,
+                max_bytes,
+                u64::from(min_bytes),
+                max_wait,
+            )
+            .await?;
+            shared.metrics.fetch_latency.record(started.elapsed());
+            Box::new(move |correlation_id| {
+                let response = Response::Fetched {
+                    partition,
+                    high_watermark: data.high_watermark,
+                    log_start_offset: data.log_start_offset,
+                    next_offset: data.next_offset,
+                    records_bytes: data.bytes.len() as u32,
+                };
+                response_frame(correlation_id, response, &data.bytes)
+            })
+        }
+        OwnedRequest::ListOffsets {
+            topic,
+            partition,
+            at,
+        } => {
+            let owner = owner_of(shared, view, &topic, partition)?;
+            let key = (topic, partition);
+            let offset = shared
+                .call(owner, |reply| ShardOp::ListOffsets { key, at, reply })
+                .await??;
+            reply(Response::Offset { offset })
+        }
+        OwnedRequest::Metadata { topic } => {
+            let topics = topic_infos(shared, view, topic.as_deref()).await?;
+            Box::new(move |correlation_id| {
+                response_frame(correlation_id, Response::Metadata { topics }, &[])
+            })
+        }
+        OwnedRequest::DescribeTopic { name } => {
+            let topics = topic_infos(shared, view, Some(&name)).await?;
+            Box::new(move |correlation_id| {
+                response_frame(correlation_id, Response::Metadata { topics }, &[])
+            })
+        }
+        OwnedRequest::CreateTopic {
+            name,
+            partitions,
+            settings,
+        } => {
+            create_topic(shared, &name, partitions, &parse_settings(&settings)?).await?;
+            reply(Response::Done)
+        }
+        OwnedRequest::AlterTopic {
+            name,
+            partitions,
+            settings,
+        } => {
+            alter_topic(shared, &name, partitions, &parse_settings(&settings)?).await?;
+            reply(Response::Done)
+        }
+        OwnedRequest::DeleteTopic { name } => {
+            delete_topic(shared, &name).await?;
+            reply(Response::Done)
+        }
+        OwnedRequest::CommitOffset {
+            group,
+            topic,
+            partition,
+            offset,
+        } => {
+            owner_of(shared, view, &topic, partition)?;
+            shared
+                .groups
+                .commit(&group, &topic, partition, offset)
+                .map_err(|message| OpError::new(ErrorCode::InvalidRequest, message))?;
+            reply(Response::Done)
+        }
+        OwnedRequest::FetchOffset {
+            group,
+            topic,
+            partition,
+        } => reply(Response::CommittedOffset {
+            offset: shared.groups.fetch(&group, &topic, partition),
+        }),
+        OwnedRequest::ListGroups => {
+            let groups = shared
+                .groups
+                .list()
+                .into_iter()
+                .map(|(group, offsets)| GroupInfo { group, offsets })
+                .collect();
+            Box::new(move |correlation_id| {
+                response_frame(correlation_id, Response::Groups { groups }, &[])
+            })
+        }
+        OwnedRequest::Status => {
+            let stats = shared.published_stats();
+            let status = StatusInfo {
+                version: env!("CARGO_PKG_VERSION").into(),
+                io_driver: shared.driver.driver.to_string(),
+                io_driver_reason: shared.driver.reason.clone(),
+                shards: shared.shards() as u32,
+                profile: shared.config.profile.clone(),
+                topics: view.table.len() as u32,
+                partitions: view.table.values().map(|meta| meta.partitions).sum(),
+                connections: shared.connections_open(),
+                data_bytes: stats.iter().map(|stats| stats.size_bytes).sum(),
+                disk_quota_bytes: shared.config.storage.disk_quota_bytes,
+                uptime_ms: shared.uptime_ms(),
+            };
+            Box::new(move |correlation_id| {
+                response_frame(correlation_id, Response::Status(status), &[])
+            })
+        }
+        OwnedRequest::Unexpected => {
+            return Err(OpError::new(
+                ErrorCode::InvalidRequest,
+                "unexpected request",
+            ));
+        }
+    })
+}

@@ -1,0 +1,613 @@
+//! One shard: a thread with its own compio runtime, owning a set of
+//! partitions. All operations on those partitions, from this shard's
+//! connections or forwarded by other shards, go through the shard's inbox and
+//! are carried out in order by its storage task, which owns the logs outright
+//! (no locks, no shared mutable state). Group commit lives here: after a burst
+//! of appends the task starts one sync per partition that has waiting
+//! producers; appends that arrive meanwhile share the next one.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_channel::{mpsc, oneshot};
+use futures_util::StreamExt;
+use rill_core::log::{AppendInfo, Durability, FsyncPolicy, SyncTarget};
+use rill_core::logset::LogSet;
+use rill_protocol::{Acks, ErrorCode, OffsetSpec};
+
+use super::errors::{OpError, append_error, read_error};
+use super::{Shared, now_ms};
+use crate::config::TopicSettings;
+use crate::io::NodeStorage;
+
+/// How often a shard wakes for housekeeping (interval syncs, retention,
+/// checkpoints, statistics) when nothing else happens.
+pub const TICK_MS: u64 = 100;
+/// Most long-poll waiters one partition keeps; older ones are woken early
+/// (they fetch again, so nothing is lost).
+const DATA_WAITERS_MAX: usize = 1024;
+
+pub type PartitionKey = (String, u32);
+
+/// Bytes of whole batches read for a fetch, with the partition's state.
+#[derive(Debug)]
+pub struct FetchData {
+    pub bytes: Vec<u8>,
+    pub high_watermark: i64,
+    pub log_start_offset: i64,
+    pub next_offset: i64,
+}
+
+/// A partition's figures, for metadata, status and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionStats {
+    pub topic: String,
+    pub partition: u32,
+    pub shard: u32,
+    pub log_start_offset: i64,
+    pub next_offset: i64,
+    pub durable_next_offset: i64,
+    pub size_bytes: u64,
+    pub segments: u32,
+    pub bytes_in: u64,
+    pub records_in: u64,
+    pub bytes_out: u64,
+}
+
+/// What a shard's storage task is asked to do.
+#[derive(Debug)]
+pub enum ShardOp {
+    Produce {
+        key: PartitionKey,
+        batch: Vec<u8>,
+        acks: Acks,
+        reply: oneshot::Sender<Result<AppendInfo, OpError>>,
+    },
+    Fetch {
+        key: PartitionKey,
+        offset: i64,
+        max_bytes: u64,
+        reply: oneshot::Sender<Result<FetchData, OpError>>,
+    },
+    /// Answers once the partition holds data at `offset` (or on shutdown).
+    WaitForData {
+        key: PartitionKey,
+        offset: i64,
+        reply: oneshot::Sender<()>,
+    },
+    ListOffsets {
+        key: PartitionKey,
+        at: OffsetSpec,
+        reply: oneshot::Sender<Result<Option<i64>, OpError>>,
+    },
+    OpenPartition {
+        key: PartitionKey,
+        settings: Box<TopicSettings>,
+        reply: oneshot::Sender<Result<(), OpError>>,
+    },
+    ClosePartition {
+        key: PartitionKey,
+        delete: bool,
+        reply: oneshot::Sender<Result<(), OpError>>,
+    },
+    AlterPartition {
+        key: PartitionKey,
+        settings: Box<TopicSettings>,
+        reply: oneshot::Sender<Result<(), OpError>>,
+    },
+    Stats {
+        reply: oneshot::Sender<Vec<PartitionStats>>,
+    },
+    SyncDone {
+        key: PartitionKey,
+        result: io::Result<()>,
+        target: SyncTarget,
+    },
+    Tick,
+    /// Stop: finish what is queued, sync and checkpoint every partition.
+    Shutdown,
+}
+
+struct DurableWaiter {
+    last_offset: i64,
+    info: AppendInfo,
+    reply: oneshot::Sender<Result<AppendInfo, OpError>>,
+}
+
+#[derive(Default)]
+struct PartitionState {
+    durable_waiters: VecDeque<DurableWaiter>,
+    data_waiters: Vec<(i64, oneshot::Sender<()>)>,
+    syncing: bool,
+    last_sync: Option<Instant>,
+    bytes_in: u64,
+    records_in: u64,
+    bytes_out: u64,
+}
+
+/// The storage task's state: the logs and who waits on them.
+pub struct Storage {
+    index: u32,
+    shared: Arc<Shared>,
+    logs: LogSet<NodeStorage>,
+    partitions: HashMap<PartitionKey, PartitionState>,
+    inbox_sender: mpsc::UnboundedSender<ShardOp>,
+    last_retention: Instant,
+    last_checkpoint: Instant,
+    shutting_down: bool,
+}
+
+fn unknown_partition(key: &PartitionKey) -> OpError {
+    OpError::new(
+        ErrorCode::UnknownPartition,
+        format!(
+            "partition {} of topic {} is not on this broker",
+            key.1, key.0
+        ),
+    )
+}
+
+impl Storage {
+    pub fn new(
+        index: u32,
+        shared: Arc<Shared>,
+        inbox_sender: mpsc::UnboundedSender<ShardOp>,
+    ) -> Self {
+        let logs = LogSet::new(
+            NodeStorage::for_driver(shared.driver.driver),
+            &shared.config.data_dir,
+            shared.config.storage.disk_quota_bytes,
+            shared.usage.clone(),
+        );
+        Self {
+            index,
+            shared,
+            logs,
+            partitions: HashMap::new(),
+            inbox_sender,
+            last_retention: Instant::now(),
+            last_checkpoint: Instant::now(),
+            shutting_down: false,
+        }
+    }
+
+    /// Opens a partition this shard owns.
+    pub async fn open_partition(
+        &mut self,
+        key: &PartitionKey,
+        settings: &TopicSettings,
+    ) -> Result<(), OpError> {
+        let report = self
+            .logs
+            .open_partition(&key.0, key.1, settings.log_config(), settings.eviction())
+            .await
+            .map_err(|error| OpError::new(ErrorCode::StorageError, error.to_string()))?;
+        if !report.truncations.is_empty() {
+            tracing::warn!(topic = %key.0, partition = key.1, cut = ?report.truncations,
+                "partition recovered with damage cut");
+        }
+        self.partitions.entry(key.clone()).or_default();
+        Ok(())
+    }
+
+    /// Runs until shutdown: takes ops from the inbox in order, then starts the
+    /// syncs the burst made necessary.
+    pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<ShardOp>) {
+        while let Some(op) = inbox.next().await {
+            self.handle(op).await;
+            while let Ok(op) = inbox.try_recv() {
+                self.handle(op).await;
+            }
+            self.start_syncs(false).await;
+            if self.shutting_down && self.shared.connections_open() == 0 {
+                break;
+            }
+        }
+        // Ops that raced the last check are still answered.
+        while let Ok(op) = inbox.try_recv() {
+            self.handle(op).await;
+        }
+        self.close_all().await;
+    }
+
+    async fn handle(&mut self, op: ShardOp) {
+        match op {
+            ShardOp::Produce {
+                key,
+                batch,
+                acks,
+                reply,
+            } => self.produce(key, &batch, acks, reply).await,
+            ShardOp::Fetch {
+                key,
+                offset,
+                max_bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.fetch(&key, offset, max_bytes).await);
+            }
+            ShardOp::WaitForData { key, offset, reply } => self.wait_for_data(key, offset, reply),
+            ShardOp::ListOffsets { key, at, reply } => {
+                let _ = reply.send(self.list_offsets(&key, at).await);
+            }
+            ShardOp::OpenPartition {
+                key,
+                settings,
+                reply,
+            } => {
+                let _ = reply.send(self.open_partition(&key, &settings).await);
+            }
+            ShardOp::ClosePartition { key, delete, reply } => {
+                let _ = reply.send(self.close_partition(&key, delete).await);
+            }
+            ShardOp::AlterPartition {
+                key,
+                settings,
+                reply,
+            } => {
+                let result = match self.logs.log_mut(&key.0, key.1) {
+                    Some(log) => {
+                        log.set_config(settings.log_config());
+                        self.logs.set_eviction(&key.0, key.1, settings.eviction());
+                        Ok(())
+                    }
+                    None => Err(unknown_partition(&key)),
+                };
+                let _ = reply.send(result);
+            }
+            ShardOp::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
+            ShardOp::SyncDone {
+                key,
+                result,
+                target,
+            } => self.sync_done(&key, result, target),
+            ShardOp::Tick => self.tick().await,
+            ShardOp::Shutdown => {
+                self.shutting_down = true;
+                // Long polls end now with what is there.
+                for state in self.partitions.values_mut() {
+                    for (_, waiter) in state.data_waiters.drain(..) {
+                        let _ = waiter.send(());
+                    }
+                }
+            }
+        }
+    }
+
+    async fn produce(
+        &mut self,
+        key: PartitionKey,
+        batch: &[u8],
+        acks: Acks,
+        reply: oneshot::Sender<Result<AppendInfo, OpError>>,
+    ) {
+        let Some(result) = self.logs.append(&key.0, key.1, batch, now_ms()).await else {
+            let _ = reply.send(Err(unknown_partition(&key)));
+            return;
+        };
+        let info = match result {
+            Ok(info) => info,
+            Err(error) => {
+                let _ = reply.send(Err(append_error(&error)));
+                return;
+            }
+        };
+        self.shared.metrics.record_append(self.index, info.bytes);
+        let state = self.partitions.entry(key.clone()).or_default();
+        state.bytes_in += info.bytes;
+        state.records_in += (info.last_offset - info.base_offset + 1) as u64;
+        for (_, waiter) in state.data_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        if acks == Acks::Durable && info.durability == Durability::AwaitSync {
+            state.durable_waiters.push_back(DurableWaiter {
+                last_offset: info.last_offset,
+                info,
+                reply,
+            });
+        } else {
+            let _ = reply.send(Ok(info));
+        }
+    }
+
+    async fn fetch(
+        &mut self,
+        key: &PartitionKey,
+        offset: i64,
+        max_bytes: u64,
+    ) -> Result<FetchData, OpError> {
+        let log = self
+            .logs
+            .log(&key.0, key.1)
+            .ok_or_else(|| unknown_partition(key))?;
+        let slice = log
+            .read(offset, max_bytes)
+            .await
+            .map_err(|error| read_error(&error))?;
+        let mut bytes = Vec::with_capacity(slice.bytes as usize);
+        for range in &slice.ranges {
+            let chunk = rill_core::storage::read_exact_at(
+                &range.file,
+                range.position,
+                range.length as usize,
+            )
+            .await
+            .map_err(|error| {
+                OpError::new(ErrorCode::StorageError, format!("reading {key:?}: {error}"))
+            })?;
+            bytes.extend_from_slice(&chunk);
+        }
+        bytes.extend_from_slice(&slice.memory_tail);
+        self.shared
+            .metrics
+            .record_fetch(self.index, bytes.len() as u64);
+        if let Some(state) = self.partitions.get_mut(key) {
+            state.bytes_out += bytes.len() as u64;
+        }
+        Ok(FetchData {
+            bytes,
+            high_watermark: slice.high_watermark,
+            log_start_offset: slice.log_start_offset,
+            next_offset: slice.next_fetch_offset,
+        })
+    }
+
+    fn wait_for_data(&mut self, key: PartitionKey, offset: i64, reply: oneshot::Sender<()>) {
+        let has_data = self
+            .logs
+            .log(&key.0, key.1)
+            .is_none_or(|log| log.next_offset() > offset);
+        if has_data || self.shutting_down {
+            let _ = reply.send(());
+            return;
+        }
+        let state = self.partitions.entry(key).or_default();
+        if state.data_waiters.len() >= DATA_WAITERS_MAX {
+            let (_, oldest) = state.data_waiters.remove(0);
+            let _ = oldest.send(());
+        }
+        state.data_waiters.push((offset, reply));
+    }
+
+    async fn list_offsets(
+        &mut self,
+        key: &PartitionKey,
+        at: OffsetSpec,
+    ) -> Result<Option<i64>, OpError> {
+        let log = self
+            .logs
+            .log(&key.0, key.1)
+            .ok_or_else(|| unknown_partition(key))?;
+        match at {
+            OffsetSpec::Earliest => Ok(Some(log.log_start_offset())),
+            OffsetSpec::Latest => Ok(Some(log.next_offset())),
+            OffsetSpec::Timestamp(timestamp_ms) => log
+                .offset_for_timestamp(timestamp_ms)
+                .await
+                .map_err(|error| read_error(&error)),
+        }
+    }
+
+    async fn close_partition(&mut self, key: &PartitionKey, delete: bool) -> Result<(), OpError> {
+        if let Some(mut state) = self.partitions.remove(key) {
+            for waiter in state.durable_waiters.drain(..) {
+                let _ = waiter.reply.send(Err(OpError::new(
+                    ErrorCode::UnknownTopic,
+                    format!("topic {} was deleted", key.0),
+                )));
+            }
+            for (_, waiter) in state.data_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+        self.logs
+            .close_partition(&key.0, key.1, delete)
+            .await
+            .map_err(|error| OpError::new(ErrorCode::StorageError, error.to_string()))
+    }
+
+    /// Starts one sync per partition that has producers waiting for
+    /// durability (or, with `interval_due`, whose fsync interval elapsed).
+    async fn start_syncs(&mut self, interval_due: bool) {
+        let keys: Vec<PartitionKey> = self
+            .partitions
+            .iter()
+            .filter(|(_, state)| !state.syncing)
+            .filter(|(key, state)| {
+                !state.durable_waiters.is_empty()
+                    || (interval_due && self.interval_sync_due(key, state))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in keys {
+            let Some(log) = self.logs.log_mut(&key.0, key.1) else {
+                continue;
+            };
+            match log.begin_sync().await {
+                Ok(Some(job)) => {
+                    if let Some(state) = self.partitions.get_mut(&key) {
+                        state.syncing = true;
+                    }
+                    let inbox = self.inbox_sender.clone();
+                    compio::runtime::spawn(async move {
+                        let (result, target) = job.run().await;
+                        let _ = inbox.unbounded_send(ShardOp::SyncDone {
+                            key,
+                            result,
+                            target,
+                        });
+                    })
+                    .detach();
+                }
+                Ok(None) => {
+                    // Nothing to sync: whatever waits is durable already.
+                    let durable = log.durable_next_offset();
+                    self.resolve_durable(&key, durable, None);
+                }
+                Err(error) => {
+                    let message = error.to_string();
+                    tracing::error!(topic = %key.0, partition = key.1, %message, "flush before sync failed");
+                    self.resolve_durable(&key, i64::MAX, Some(message));
+                }
+            }
+        }
+    }
+
+    fn interval_sync_due(&self, key: &PartitionKey, state: &PartitionState) -> bool {
+        let Some(log) = self.logs.log(&key.0, key.1) else {
+            return false;
+        };
+        match log.config().fsync {
+            FsyncPolicy::IntervalMs(interval_ms) => {
+                log.sync_needed()
+                    && state
+                        .last_sync
+                        .is_none_or(|last| last.elapsed() >= Duration::from_millis(interval_ms))
+            }
+            _ => false,
+        }
+    }
+
+    fn sync_done(&mut self, key: &PartitionKey, result: io::Result<()>, target: SyncTarget) {
+        let Some(log) = self.logs.log_mut(&key.0, key.1) else {
+            return;
+        };
+        let outcome = log.finish_sync(result, target);
+        if let Some(state) = self.partitions.get_mut(key) {
+            state.syncing = false;
+            state.last_sync = Some(Instant::now());
+        }
+        match outcome {
+            Ok(durable) => self.resolve_durable(key, durable, None),
+            Err(error) => {
+                tracing::error!(topic = %key.0, partition = key.1, %error, "sync failed; partition refuses writes");
+                self.resolve_durable(key, i64::MAX, Some(error.to_string()));
+            }
+        }
+    }
+
+    /// Answers producers whose batches are below `durable_next`, or fails them all.
+    fn resolve_durable(&mut self, key: &PartitionKey, durable_next: i64, failure: Option<String>) {
+        let Some(state) = self.partitions.get_mut(key) else {
+            return;
+        };
+        while state
+            .durable_waiters
+            .front()
+            .is_some_and(|waiter| waiter.last_offset < durable_next)
+        {
+            let Some(waiter) = state.durable_waiters.pop_front() else {
+                break;
+            };
+            let answer = match &failure {
+                None => Ok(waiter.info),
+                Some(message) => Err(OpError::new(ErrorCode::StorageError, message.clone())),
+            };
+            let _ = waiter.reply.send(answer);
+        }
+    }
+
+    async fn tick(&mut self) {
+        self.start_syncs(true).await;
+        let now = now_ms();
+        let keys: Vec<PartitionKey> = self.partitions.keys().cloned().collect();
+        for key in &keys {
+            if let Some(log) = self.logs.log_mut(&key.0, key.1)
+                && let Err(error) = log.roll_if_due(now).await
+            {
+                tracing::error!(topic = %key.0, partition = key.1, %error, "rolling an aged segment failed");
+            }
+        }
+        let storage = &self.shared.config.storage;
+        if self.last_retention.elapsed()
+            >= Duration::from_millis(storage.retention_check_interval_ms)
+        {
+            self.last_retention = Instant::now();
+            match self.logs.apply_retention(now).await {
+                Ok(report) if report.segments_deleted > 0 => tracing::info!(
+                    shard = self.index,
+                    segments = report.segments_deleted,
+                    bytes = report.bytes_deleted,
+                    "retention deleted segments"
+                ),
+                Ok(_) => {}
+                Err(error) => tracing::error!(shard = self.index, %error, "retention failed"),
+            }
+        }
+        if self.last_checkpoint.elapsed() >= Duration::from_millis(storage.checkpoint_interval_ms) {
+            self.last_checkpoint = Instant::now();
+            for key in &keys {
+                if let Some(log) = self.logs.log_mut(&key.0, key.1)
+                    && let Err(error) = log.write_checkpoint().await
+                {
+                    tracing::error!(topic = %key.0, partition = key.1, %error, "checkpoint write failed");
+                }
+            }
+        }
+        let evictions = self.logs.take_evictions();
+        for ((topic, partition), report) in evictions.evicted {
+            self.shared
+                .metrics
+                .record_eviction(&topic, partition, report.records_deleted);
+        }
+        self.shared.publish_stats(self.index, self.stats());
+    }
+
+    fn stats(&self) -> Vec<PartitionStats> {
+        self.logs
+            .partitions()
+            .map(|((topic, partition), log)| {
+                let state = self.partitions.get(&(topic.clone(), *partition));
+                PartitionStats {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    shard: self.index,
+                    log_start_offset: log.log_start_offset(),
+                    next_offset: log.next_offset(),
+                    durable_next_offset: log.durable_next_offset(),
+                    size_bytes: log.size_bytes(),
+                    segments: log.segment_count() as u32,
+                    bytes_in: state.map_or(0, |state| state.bytes_in),
+                    records_in: state.map_or(0, |state| state.records_in),
+                    bytes_out: state.map_or(0, |state| state.bytes_out),
+                }
+            })
+            .collect()
+    }
+
+    /// Syncs and checkpoints every partition: what a clean stop leaves.
+    async fn close_all(&mut self) {
+        let keys: Vec<PartitionKey> = self.partitions.keys().cloned().collect();
+        let mut failures = BTreeMap::new();
+        for key in keys {
+            if let Some(log) = self.logs.log_mut(&key.0, key.1) {
+                match log.close().await {
+                    Ok(()) => {
+                        let durable = log.durable_next_offset();
+                        self.resolve_durable(&key, durable, None);
+                    }
+                    Err(error) => {
+                        failures.insert(key.clone(), error.to_string());
+                        self.resolve_durable(&key, i64::MAX, Some(error.to_string()));
+                    }
+                }
+            }
+        }
+        if failures.is_empty() {
+            tracing::info!(
+                shard = self.index,
+                "shard stopped: every partition synced and checkpointed"
+            );
+        } else {
+            tracing::error!(
+                shard = self.index,
+                ?failures,
+                "shard stopped with partitions that failed to sync"
+            );
+        }
+    }
+}

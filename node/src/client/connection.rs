@@ -1,0 +1,405 @@
+//! One native-protocol connection shared by many callers: a writer task that
+//! owns the socket's write side and sends queued frames in order, and a reader
+//! task that splits response frames and hands each to the caller waiting on its
+//! correlation id.
+//!
+//! Callers never touch the socket. They register a waiter and queue a frame in
+//! one synchronous step, so frames leave in the order calls were made and bytes
+//! of two requests never interleave. When the connection dies, for whatever
+//! reason, every waiter is failed with that reason and later calls fail at once.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::rc::Rc;
+use std::time::Duration;
+
+use compio::BufResult;
+use compio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use compio::net::TcpStream;
+use futures_channel::{mpsc, oneshot};
+use futures_util::StreamExt;
+use rill_protocol::frame::encode_frame_vec;
+use rill_protocol::{Request, RequestFrame, Response, ResponseFrame, split_frame};
+
+use super::error::ClientError;
+
+/// Bytes the reader asks the socket for at least, per read.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Most frames the writer gathers into one vectored write.
+const WRITE_FRAMES_MAX: usize = 64;
+
+/// A response frame body (correlation id, message, and any raw bytes after it).
+pub(crate) type ResponseBody = Vec<u8>;
+
+/// Why the connection ended; kept so every later call can say so.
+#[derive(Debug, Clone)]
+pub(crate) enum CloseReason {
+    /// The broker broke the protocol; waiters get `ClientError::Protocol`.
+    Protocol(String),
+    /// The socket failed or the broker hung up; waiters get `ClientError::Closed`.
+    Lost(String),
+}
+
+impl CloseReason {
+    /// The error for a caller whose request was in flight when this happened.
+    fn in_flight_error(&self) -> ClientError {
+        match self {
+            Self::Protocol(detail) => ClientError::Protocol(detail.clone()),
+            Self::Lost(reason) => ClientError::Closed {
+                reason: reason.clone(),
+            },
+        }
+    }
+
+    /// The error for a call made after the connection ended.
+    pub(crate) fn later_error(&self) -> ClientError {
+        ClientError::Closed {
+            reason: match self {
+                Self::Protocol(detail) => format!("protocol error: {detail}"),
+                Self::Lost(reason) => reason.clone(),
+            },
+        }
+    }
+}
+
+enum WriteJob {
+    Frame {
+        bytes: Vec<u8>,
+        /// Told once the frame is in the socket; for requests without a response.
+        written: Option<oneshot::Sender<io::Result<()>>>,
+    },
+    /// Close the write side and stop: the connection is over.
+    Shutdown,
+}
+
+struct State {
+    next_correlation_id: u32,
+    waiters: HashMap<u32, oneshot::Sender<Result<ResponseBody, ClientError>>>,
+    closed: Option<CloseReason>,
+}
+
+/// The part of a connection callers and both tasks share.
+pub(crate) struct Connection {
+    state: RefCell<State>,
+    writes: mpsc::UnboundedSender<WriteJob>,
+    /// The largest request frame body the broker accepts; 0 until the handshake says.
+    broker_frame_bytes_max: Cell<u32>,
+}
+
+/// What a sent request will deliver.
+pub(crate) enum Pending {
+    Response(oneshot::Receiver<Result<ResponseBody, ClientError>>),
+    Written(oneshot::Receiver<io::Result<()>>),
+}
+
+/// The connection and its two tasks. Dropping it cancels the tasks, which
+/// closes the socket.
+pub(crate) struct Driver {
+    pub(crate) connection: Rc<Connection>,
+    _reader: compio::runtime::JoinHandle<()>,
+    _writer: compio::runtime::JoinHandle<()>,
+}
+
+impl Driver {
+    /// Starts the reader and writer tasks on `stream` (in the current runtime).
+    pub(crate) fn start(stream: TcpStream, frame_bytes_max: u32) -> Self {
+        let (writes, queue) = mpsc::unbounded();
+        let connection = Rc::new(Connection {
+            state: RefCell::new(State {
+                next_correlation_id: 1,
+                waiters: HashMap::new(),
+                closed: None,
+            }),
+            writes,
+            broker_frame_bytes_max: Cell::new(0),
+        });
+        let reader = compio::runtime::spawn(read_responses(
+            stream.clone(),
+            Rc::clone(&connection),
+            frame_bytes_max,
+        ));
+        let writer = compio::runtime::spawn(write_requests(stream, Rc::clone(&connection), queue));
+        Self {
+            connection,
+            _reader: reader,
+            _writer: writer,
+        }
+    }
+}
+
+impl Connection {
+    pub(crate) fn set_broker_frame_bytes_max(&self, frame_bytes_max: u32) {
+        self.broker_frame_bytes_max.set(frame_bytes_max);
+    }
+
+    pub(crate) fn broker_frame_bytes_max(&self) -> u32 {
+        self.broker_frame_bytes_max.get()
+    }
+
+    pub(crate) fn close_reason(&self) -> Option<CloseReason> {
+        self.state.borrow().closed.clone()
+    }
+
+    /// Encodes `request` and queues it; registers a waiter first when a
+    /// response is expected, so even an instant answer finds it.
+    pub(crate) fn send(
+        &self,
+        request: Request<'_>,
+        expects_response: bool,
+    ) -> Result<Pending, ClientError> {
+        let mut state = self.state.borrow_mut();
+        if let Some(reason) = &state.closed {
+            return Err(reason.later_error());
+        }
+        let mut correlation_id = state.next_correlation_id;
+        // Skip ids still waiting (a timed-out request the broker may yet answer).
+        while state.waiters.contains_key(&correlation_id) {
+            correlation_id = correlation_id.wrapping_add(1);
+        }
+        state.next_correlation_id = correlation_id.wrapping_add(1);
+        let mut bytes = Vec::new();
+        encode_frame_vec(
+            &RequestFrame {
+                correlation_id,
+                request,
+            },
+            0,
+            &mut bytes,
+        );
+        let body_bytes = bytes.len() - rill_protocol::FRAME_HEADER_BYTES;
+        let limit = self.broker_frame_bytes_max.get();
+        if limit != 0 && body_bytes > limit as usize {
+            return Err(ClientError::RequestTooLarge {
+                frame_bytes: body_bytes,
+                frame_bytes_max: limit,
+            });
+        }
+        let (job, pending) = if expects_response {
+            let (sender, receiver) = oneshot::channel();
+            state.waiters.insert(correlation_id, sender);
+            let job = WriteJob::Frame {
+                bytes,
+                written: None,
+            };
+            (job, Pending::Response(receiver))
+        } else {
+            let (sender, receiver) = oneshot::channel();
+            let job = WriteJob::Frame {
+                bytes,
+                written: Some(sender),
+            };
+            (job, Pending::Written(receiver))
+        };
+        drop(state);
+        if self.writes.unbounded_send(job).is_err() {
+            // The writer has stopped; it closed the connection with a reason first.
+            let reason = self
+                .close_reason()
+                .unwrap_or_else(|| CloseReason::Lost("the connection task ended".into()));
+            self.close(reason.clone());
+            return Err(reason.later_error());
+        }
+        Ok(pending)
+    }
+
+    /// Ends the connection: fails every waiter with `reason` and stops the
+    /// writer, which shuts the socket. Only the first reason counts.
+    pub(crate) fn close(&self, reason: CloseReason) {
+        let waiters = {
+            let mut state = self.state.borrow_mut();
+            if state.closed.is_some() {
+                return;
+            }
+            state.closed = Some(reason.clone());
+            std::mem::take(&mut state.waiters)
+        };
+        for (_, waiter) in waiters {
+            // A caller that gave up (timeout, dropped future) no longer listens.
+            let _ = waiter.send(Err(reason.in_flight_error()));
+        }
+        let _ = self.writes.unbounded_send(WriteJob::Shutdown);
+    }
+
+    /// Routes one response frame body to its waiter.
+    fn deliver(&self, body: &[u8]) -> Result<(), CloseReason> {
+        let (frame, _raw) = ResponseFrame::decode(body).map_err(|error| {
+            CloseReason::Protocol(format!("undecodable response frame: {error}"))
+        })?;
+        let waiter = self
+            .state
+            .borrow_mut()
+            .waiters
+            .remove(&frame.correlation_id);
+        match waiter {
+            Some(waiter) => {
+                let _ = waiter.send(Ok(body.to_vec()));
+                Ok(())
+            }
+            None => Err(CloseReason::Protocol(format!(
+                "response with correlation id {} that no request is waiting for: {}",
+                frame.correlation_id,
+                describe_response(&frame.response)
+            ))),
+        }
+    }
+}
+
+/// A short description of a response, for error messages.
+pub(crate) fn describe_response(response: &Response<'_>) -> String {
+    match response {
+        Response::Error { code, message } => format!("error {code:?}: {message}"),
+        Response::HandshakeOk { .. } => "HandshakeOk".into(),
+        Response::Pong => "Pong".into(),
+        Response::Produced { .. } => "Produced".into(),
+        Response::Fetched { .. } => "Fetched".into(),
+        Response::Offset { .. } => "Offset".into(),
+        Response::Done => "Done".into(),
+        Response::CommittedOffset { .. } => "CommittedOffset".into(),
+        Response::Metadata { .. } => "Metadata".into(),
+        Response::Groups { .. } => "Groups".into(),
+        Response::Status(_) => "Status".into(),
+    }
+}
+
+/// The reader task: reads into one growing buffer, splits frames with the
+/// configured limit, and routes each. Any failure closes the connection.
+async fn read_responses(mut stream: TcpStream, connection: Rc<Connection>, frame_bytes_max: u32) {
+    let mut buffer: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+    let reason = loop {
+        let mut consumed = 0;
+        let split = loop {
+            match split_frame(&buffer[consumed..], frame_bytes_max) {
+                Ok(Some((body, used))) => {
+                    if let Err(reason) = connection.deliver(body) {
+                        break Err(reason);
+                    }
+                    consumed += used;
+                }
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(CloseReason::Protocol(error.to_string())),
+            }
+        };
+        if let Err(reason) = split {
+            break reason;
+        }
+        buffer.drain(..consumed);
+        // One large fetch response should not pin its buffer for the connection's life.
+        if buffer.is_empty() && buffer.capacity() > 16 * READ_CHUNK_BYTES {
+            buffer = Vec::with_capacity(READ_CHUNK_BYTES);
+        }
+        // Room for the rest of a partly read frame, or a fresh chunk.
+        let wanted = match split_frame(&buffer, frame_bytes_max) {
+            Ok(None) if buffer.len() >= rill_protocol::FRAME_HEADER_BYTES => {
+                let body_bytes =
+                    u32::from_le_bytes([buffer[0], buffer[1], buffer[2], buffer[3]]) as usize;
+                (rill_protocol::FRAME_HEADER_BYTES + body_bytes).max(READ_CHUNK_BYTES)
+            }
+            _ => READ_CHUNK_BYTES,
+        };
+        buffer.reserve(
+            wanted
+                .saturating_sub(buffer.len())
+                .max(READ_CHUNK_BYTES / 4),
+        );
+        let BufResult(result, returned) = stream.append(buffer).await;
+        buffer = returned;
+        match result {
+            Ok(0) => break CloseReason::Lost("the broker hung up".into()),
+            Ok(_) => {}
+            Err(error) => {
+                break CloseReason::Lost(format!("reading from the broker failed: {error}"));
+            }
+        }
+    };
+    connection.close(reason);
+}
+
+/// The writer task: sends queued frames in order, several per vectored write
+/// when callers queue faster than the socket drains.
+async fn write_requests(
+    mut stream: TcpStream,
+    connection: Rc<Connection>,
+    mut queue: mpsc::UnboundedReceiver<WriteJob>,
+) {
+    while let Some(job) = queue.next().await {
+        let mut frames = Vec::new();
+        let mut notify = Vec::new();
+        let mut shutdown = false;
+        let mut next = Some(job);
+        while let Some(job) = next.take() {
+            match job {
+                WriteJob::Frame { bytes, written } => {
+                    frames.push(bytes);
+                    notify.extend(written);
+                }
+                WriteJob::Shutdown => {
+                    shutdown = true;
+                    break;
+                }
+            }
+            if frames.len() < WRITE_FRAMES_MAX {
+                next = queue.try_recv().ok();
+            }
+        }
+        // Nothing is sent after a close: waiters were already failed.
+        if !frames.is_empty() && connection.close_reason().is_none() {
+            let BufResult(result, _) = stream.write_vectored_all(frames).await;
+            match result {
+                Ok(()) => {
+                    for sender in notify {
+                        let _ = sender.send(Ok(()));
+                    }
+                }
+                Err(error) => {
+                    let reason = format!("writing to the broker failed: {error}");
+                    for sender in notify {
+                        let _ = sender.send(Err(io::Error::new(error.kind(), reason.clone())));
+                    }
+                    connection.close(CloseReason::Lost(reason));
+                    shutdown = true;
+                }
+            }
+        }
+        if shutdown {
+            break;
+        }
+    }
+    // Tell the broker we are done; the reader then sees the end of the stream.
+    let _ = stream.shutdown().await;
+}
+
+/// Waits for what `pending` delivers, up to `timeout`.
+pub(crate) async fn wait(
+    connection: &Connection,
+    pending: Pending,
+    request: &'static str,
+    timeout: Duration,
+) -> Result<Option<ResponseBody>, ClientError> {
+    let timed_out = || ClientError::Timeout {
+        request,
+        after_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+    };
+    // A sender dropped without an answer means the tasks stopped.
+    let gone = || {
+        connection
+            .close_reason()
+            .map(|reason| reason.in_flight_error())
+            .unwrap_or_else(|| ClientError::Closed {
+                reason: "the connection task ended".into(),
+            })
+    };
+    match pending {
+        Pending::Response(receiver) => match compio::time::timeout(timeout, receiver).await {
+            Err(_) => Err(timed_out()),
+            Ok(Err(_canceled)) => Err(gone()),
+            Ok(Ok(result)) => result.map(Some),
+        },
+        Pending::Written(receiver) => match compio::time::timeout(timeout, receiver).await {
+            Err(_) => Err(timed_out()),
+            Ok(Err(_canceled)) => Err(gone()),
+            Ok(Ok(Err(error))) => Err(ClientError::Io(error)),
+            Ok(Ok(Ok(()))) => Ok(None),
+        },
+    }
+}

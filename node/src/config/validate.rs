@@ -1,0 +1,161 @@
+//! Range and consistency checks on the assembled configuration. Types are
+//! checked per key while loading; what is left is what only makes sense with
+//! values in hand (ranges, one limit against another). Each failure is
+//! reported against the layer that set the offending key.
+
+use std::collections::BTreeMap;
+
+use super::error::{ConfigError, Origin};
+use super::keys::TOPIC_SECTION;
+use super::{Config, SHARDS_MAX};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const FRAME_BYTES_MIN: u64 = KIB;
+const FRAME_BYTES_MAX: u64 = 256 * MIB;
+const MEMORY_BUDGET_BYTES_MIN: u64 = 16 * MIB;
+const INTERVAL_MS_MIN: u64 = 100;
+
+pub(crate) fn validate(
+    config: &Config,
+    origins: &BTreeMap<String, Origin>,
+) -> Result<(), ConfigError> {
+    let fail = |key: &str, message: String| {
+        let origin = origins.get(key).cloned().unwrap_or(Origin::Default);
+        Err(ConfigError::new(origin, Some(key), message))
+    };
+
+    if config.data_dir.as_os_str().is_empty() {
+        return fail(
+            "data_dir",
+            "must not be empty; give a directory such as \"/var/lib/rill\"".into(),
+        );
+    }
+
+    let node = &config.node;
+    if node.shards > SHARDS_MAX {
+        return fail(
+            "node.shards",
+            format!(
+                "{} is out of range: at most {SHARDS_MAX}; 0 means one per core",
+                node.shards
+            ),
+        );
+    }
+    if node.memory_budget_bytes < MEMORY_BUDGET_BYTES_MIN {
+        return fail(
+            "node.memory_budget_bytes",
+            format!(
+                "{} is out of range: at least {MEMORY_BUDGET_BYTES_MIN} (16 MiB)",
+                node.memory_budget_bytes
+            ),
+        );
+    }
+
+    let listeners = &config.listeners;
+    // Port 0 asks the kernel for a free port, so two of them do not clash.
+    if listeners.native == listeners.admin && listeners.native.port() != 0 {
+        return fail(
+            "listeners.admin",
+            format!(
+                "{} is also listeners.native; give each listener its own port",
+                listeners.admin
+            ),
+        );
+    }
+
+    let limits = &config.limits;
+    if limits.connections_max == 0 {
+        return fail(
+            "limits.connections_max",
+            "0 is out of range: at least 1".into(),
+        );
+    }
+    let frame_bytes_max = u64::from(limits.frame_bytes_max);
+    if !(FRAME_BYTES_MIN..=FRAME_BYTES_MAX).contains(&frame_bytes_max) {
+        return fail(
+            "limits.frame_bytes_max",
+            format!(
+                "{frame_bytes_max} is out of range: must be between {FRAME_BYTES_MIN} (1 KiB) \
+                 and {FRAME_BYTES_MAX} (256 MiB)"
+            ),
+        );
+    }
+    if limits.requests_in_flight_max == 0 {
+        return fail(
+            "limits.requests_in_flight_max",
+            "0 is out of range: at least 1".into(),
+        );
+    }
+    if limits.fetch_bytes_max == 0 {
+        return fail(
+            "limits.fetch_bytes_max",
+            "0 is out of range: at least 1".into(),
+        );
+    }
+    if limits.buffer_memory_bytes_max < frame_bytes_max {
+        return fail(
+            "limits.buffer_memory_bytes_max",
+            format!(
+                "{} is smaller than limits.frame_bytes_max ({frame_bytes_max}), so a largest \
+                 frame could never be read; raise it or lower frame_bytes_max",
+                limits.buffer_memory_bytes_max
+            ),
+        );
+    }
+    if limits.buffer_memory_bytes_max > node.memory_budget_bytes {
+        return fail(
+            "limits.buffer_memory_bytes_max",
+            format!(
+                "{} is larger than node.memory_budget_bytes ({}), of which it is a part; \
+                 lower it or raise the budget",
+                limits.buffer_memory_bytes_max, node.memory_budget_bytes
+            ),
+        );
+    }
+
+    let storage = &config.storage;
+    for (key, interval_ms) in [
+        (
+            "storage.checkpoint_interval_ms",
+            storage.checkpoint_interval_ms,
+        ),
+        (
+            "storage.retention_check_interval_ms",
+            storage.retention_check_interval_ms,
+        ),
+    ] {
+        if interval_ms < INTERVAL_MS_MIN {
+            return fail(
+                key,
+                format!("{interval_ms} is out of range: at least {INTERVAL_MS_MIN} ms"),
+            );
+        }
+    }
+
+    if config.topics.default_partitions == 0 {
+        return fail(
+            "topics.default_partitions",
+            "0 is out of range: at least 1".into(),
+        );
+    }
+
+    let topic = &config.topic_defaults;
+    if let Err(error) = topic.log_config().check() {
+        return fail(
+            &format!("{TOPIC_SECTION}.{}", error.key),
+            format!("{} is out of range: {}", error.value, error.reason),
+        );
+    }
+    if topic.batch_bytes_max > frame_bytes_max {
+        return fail(
+            "topic_defaults.batch_bytes_max",
+            format!(
+                "{} is larger than limits.frame_bytes_max ({frame_bytes_max}), so a batch this \
+                 large could never arrive; lower it or raise frame_bytes_max",
+                topic.batch_bytes_max
+            ),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! Support for end-to-end tests: start the real `rill` binary on free loopback
+//! ports with a temporary data directory, wait until it is ready, stop it with
+//! a signal or kill it, and talk HTTP to its admin listener.
+//!
+//! Waiting is always polling a condition with a deadline, never a bare sleep.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a broker may take to become ready or to stop.
+pub const BROKER_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The `rill` binary of this workspace, built if it is missing.
+pub fn rill_binary() -> PathBuf {
+    // Test executables live in target/<profile>/deps; the binary one level up.
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory");
+    let binary = profile_dir.join("rill");
+    if !binary.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "rill-node", "--bin", "rill"])
+            .status()
+            .expect("run cargo build for the rill binary");
+        assert!(status.success(), "building the rill binary failed");
+    }
+    binary
+}
+
+/// A free TCP port on 127.0.0.1 (the OS picks it; tiny race with other tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("find a free port")
+}
+
+/// Polls `condition` until it holds or `deadline` passes.
+pub fn wait_until(what: &str, deadline: Duration, mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(5);
+    while !condition() {
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// A GET on the admin listener: status code and body.
+pub fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: rill\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .to_string();
+    Ok((status, body))
+}
+
+/// A running broker process.
+pub struct Broker {
+    child: Option<Child>,
+    pub native: SocketAddr,
+    pub admin: SocketAddr,
+    pub data_dir: PathBuf,
+    settings: Vec<String>,
+    _temporary: Option<tempfile::TempDir>,
+}
+
+impl Broker {
+    /// Starts a broker on a fresh data directory with `settings` (`key=value`).
+    pub fn start(settings: &[&str]) -> Self {
+        let temporary = tempfile::tempdir().expect("temporary data directory");
+        let data_dir = temporary.path().join("data");
+        let mut broker = Self {
+            child: None,
+            native: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            data_dir,
+            settings: settings.iter().map(|setting| setting.to_string()).collect(),
+            _temporary: Some(temporary),
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// The native listener as `host:port`.
+    pub fn address(&self) -> String {
+        self.native.to_string()
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new(rill_binary());
+        command
+            .arg("serve")
+            .arg("--set")
+            .arg(format!("data_dir={}", self.data_dir.display()))
+            .arg("--set")
+            .arg(format!("listeners.native={}", self.native))
+            .arg("--set")
+            .arg(format!("listeners.admin={}", self.admin));
+        for setting in &self.settings {
+            command.arg("--set").arg(setting);
+        }
+        command
+            .env(
+                "RILL_LOG",
+                std::env::var("RILL_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null());
+        let child = command.spawn().expect("start rill serve");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let admin = self.admin;
+        let child = self.child.as_mut().expect("running");
+        let mut exited = None;
+        wait_until("the broker to be ready", BROKER_DEADLINE, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                exited = Some(status);
+                return true;
+            }
+            matches!(http_get(admin, "/ready"), Ok((200, _)))
+        });
+        assert!(
+            exited.is_none(),
+            "rill serve exited during start: {exited:?}"
+        );
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit()
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait_exit();
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let mut status = None;
+        wait_until("the broker to exit", BROKER_DEADLINE, || {
+            status = child.try_wait().expect("wait for rill");
+            status.is_some()
+        });
+        status.expect("exited")
+    }
+
+    /// Starts the broker again on the same data directory and ports.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.spawn();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
