@@ -32,12 +32,20 @@ pub fn rill_binary() -> PathBuf {
     binary
 }
 
-/// A free TCP port on 127.0.0.1 (the OS picks it; tiny race with other tests).
+/// A free TCP port on 127.0.0.1, outside the kernel's ephemeral range
+/// (32768 and up), so a client connection of another test cannot take a
+/// broker's port while the broker restarts.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("find a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(2_654_435_761);
+    loop {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(step.wrapping_mul(7919)) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `condition` until it holds or `deadline` passes.
@@ -109,7 +117,17 @@ impl Broker {
     }
 
     fn spawn(&mut self) {
-        let mut command = Command::new(rill_binary());
+        // Under an emulator (the aarch64 gate), the binary runs through it.
+        let runner = std::env::var("RILL_TEST_RUNNER").unwrap_or_default();
+        let mut runner = runner.split_whitespace();
+        let mut command = match runner.next() {
+            Some(program) => {
+                let mut command = Command::new(program);
+                command.args(runner).arg(rill_binary());
+                command
+            }
+            None => Command::new(rill_binary()),
+        };
         command
             .arg("serve")
             .arg("--set")

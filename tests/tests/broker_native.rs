@@ -1,0 +1,517 @@
+//! The real `rill` binary over the native protocol, with the client library:
+//! bulk produce and consume across partitions and shards with a restart in the
+//! middle, long polls, concurrency, group offsets across restarts, crashes
+//! after durable acknowledgements, bad frames, and the portable I/O driver.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use rill_core::batch::RecordBuilder;
+use rill_node::client::{Client, ClientConfig, ClientError, records_of};
+use rill_protocol::{Acks, ErrorCode, OffsetSpec, Target};
+use rill_tests::Broker;
+
+fn runtime() -> compio::runtime::Runtime {
+    compio::runtime::Runtime::new().expect("client runtime")
+}
+
+async fn connect(broker: &Broker) -> Client {
+    Client::connect(&broker.address(), ClientConfig::default())
+        .await
+        .expect("connect to the broker")
+}
+
+/// The value of record `index` of partition `partition`: checkable byte for byte.
+fn value_of(partition: u32, index: u64) -> Vec<u8> {
+    format!(
+        "p{partition}-r{index:09}-{}",
+        "x".repeat((index % 61) as usize)
+    )
+    .into_bytes()
+}
+
+fn batch_of(partition: u32, first: u64, count: u64) -> Vec<u8> {
+    let mut builder = RecordBuilder::new();
+    for index in first..first + count {
+        let key = format!("key-{index}");
+        builder.push(
+            1_700_000_000_000 + index as i64,
+            Some(key.as_bytes()),
+            Some(&value_of(partition, index)),
+            &[],
+        );
+    }
+    builder.finish()
+}
+
+/// Produces `count` records to each partition from `first`, pipelined.
+async fn produce_range(
+    client: &Client,
+    topic: &str,
+    partitions: u32,
+    first: u64,
+    count: u64,
+    acks: Acks,
+) {
+    const PER_BATCH: u64 = 1000;
+    let mut pending = Vec::new();
+    for partition in 0..partitions {
+        let mut next = first;
+        while next < first + count {
+            let records = PER_BATCH.min(first + count - next);
+            let batch = batch_of(partition, next, records);
+            let produce = client
+                .start_produce(topic, Target::Partition(partition), acks, &batch)
+                .expect("queue produce");
+            pending.push((partition, next, records, produce));
+            next += records;
+            if pending.len() >= 32 {
+                check_produced(pending.remove(0)).await;
+            }
+        }
+    }
+    for produce in pending {
+        check_produced(produce).await;
+    }
+}
+
+async fn check_produced(
+    (partition, first, records, produce): (u32, u64, u64, rill_node::client::PendingProduce),
+) {
+    let produced = produce
+        .wait()
+        .await
+        .expect("produce")
+        .expect("acknowledged");
+    assert_eq!(produced.partition, partition);
+    assert_eq!(
+        produced.base_offset, first as i64,
+        "records land at the offsets they were sent in"
+    );
+    assert_eq!(produced.last_offset, (first + records - 1) as i64);
+}
+
+/// Reads a whole partition and checks every record's offset, key and value.
+async fn check_partition(client: &Client, topic: &str, partition: u32, expected_records: u64) {
+    let mut offset = 0i64;
+    while (offset as u64) < expected_records {
+        let fetched = client
+            .fetch(topic, partition, offset, 4 * 1024 * 1024, 1, 0)
+            .await
+            .expect("fetch");
+        assert!(
+            fetched.next_offset > offset,
+            "fetch made no progress at {offset}"
+        );
+        for record in records_of(&fetched.batches).expect("decode batches") {
+            if record.offset < offset {
+                continue; // the first batch may start before the offset asked for
+            }
+            assert_eq!(
+                record.offset, offset,
+                "partition {partition}: records in order, none missing"
+            );
+            let index = offset as u64;
+            assert_eq!(
+                record.value.as_deref(),
+                Some(value_of(partition, index).as_slice())
+            );
+            assert_eq!(
+                record.key.as_deref(),
+                Some(format!("key-{index}").as_bytes())
+            );
+            offset += 1;
+        }
+    }
+    let latest = client
+        .list_offsets(topic, partition, OffsetSpec::Latest)
+        .await
+        .expect("latest");
+    assert_eq!(latest, Some(expected_records as i64), "no record twice");
+}
+
+#[test]
+fn a_million_records_across_partitions_and_shards_survive_a_restart() {
+    let mut broker = Broker::start(&["node.shards=2", "topic_defaults.fsync=interval-ms"]);
+    let partitions = 4;
+    let half = 125_000;
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        client
+            .create_topic("bulk", partitions, &[])
+            .await
+            .expect("create topic");
+        produce_range(&client, "bulk", partitions, 0, half, Acks::Written).await;
+    });
+    broker.restart();
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        produce_range(&client, "bulk", partitions, half, half, Acks::Written).await;
+        let shards: std::collections::BTreeSet<u32> = client
+            .describe_topic("bulk")
+            .await
+            .expect("describe")
+            .partitions
+            .iter()
+            .map(|partition| partition.shard)
+            .collect();
+        assert_eq!(shards.len(), 2, "partitions are spread over both shards");
+        for partition in 0..partitions {
+            check_partition(&client, "bulk", partition, 2 * half).await;
+        }
+    });
+}
+
+#[test]
+fn durable_acknowledgements_survive_a_crash() {
+    let mut broker = Broker::start(&["node.shards=2"]);
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        client.create_topic("safe", 3, &[]).await.expect("create");
+        produce_range(&client, "safe", 3, 0, 20_000, Acks::Durable).await;
+    });
+    broker.kill();
+    broker.restart();
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        for partition in 0..3 {
+            check_partition(&client, "safe", partition, 20_000).await;
+        }
+    });
+}
+
+#[test]
+fn long_poll_wakes_when_data_arrives() {
+    let broker = Broker::start(&["node.shards=2"]);
+    runtime().block_on(async {
+        let consumer = connect(&broker).await;
+        let producer = connect(&broker).await;
+        consumer.create_topic("poll", 1, &[]).await.expect("create");
+        let started = Instant::now();
+        let waiting = consumer.fetch("poll", 0, 0, 1024 * 1024, 1, 20_000);
+        let produce = async {
+            // The consumer is already waiting once the produce goes out.
+            let batch = batch_of(0, 0, 3);
+            producer
+                .produce("poll", Target::Partition(0), Acks::Written, &batch)
+                .await
+                .expect("produce")
+        };
+        let (fetched, _) = futures_util::future::join(waiting, produce).await;
+        let fetched = fetched.expect("long poll");
+        assert_eq!(records_of(&fetched.batches).expect("decode").len(), 3);
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the poll was woken by the data, not its deadline"
+        );
+        // With nothing new, the poll ends at its deadline with nothing.
+        let started = Instant::now();
+        let empty = consumer
+            .fetch("poll", 0, 3, 1024, 1, 300)
+            .await
+            .expect("empty poll");
+        assert!(empty.batches.is_empty());
+        assert!(started.elapsed() >= Duration::from_millis(250));
+    });
+}
+
+#[test]
+fn many_producers_and_consumers_at_once() {
+    let broker = Broker::start(&["node.shards=2"]);
+    let producers = 8u32;
+    let per_producer = 5_000u64;
+    runtime().block_on(async {
+        let admin = connect(&broker).await;
+        admin
+            .create_topic("busy", producers, &[])
+            .await
+            .expect("create");
+        let mut clients = Vec::new();
+        for _ in 0..producers {
+            clients.push(connect(&broker).await);
+        }
+        let producing = clients.iter().enumerate().map(|(partition, client)| {
+            produce_partition(client, "busy", partition as u32, per_producer)
+        });
+        futures_util::future::join_all(producing).await;
+        let consuming = clients.iter().enumerate().map(|(partition, client)| {
+            check_partition(client, "busy", partition as u32, per_producer)
+        });
+        futures_util::future::join_all(consuming).await;
+    });
+}
+
+/// Produces one partition's records from one client, one durable batch at a time.
+async fn produce_partition(client: &Client, topic: &str, partition: u32, count: u64) {
+    let mut next = 0;
+    while next < count {
+        let records = 500.min(count - next);
+        let produced = client
+            .produce(
+                topic,
+                Target::Partition(partition),
+                Acks::Durable,
+                &batch_of(partition, next, records),
+            )
+            .await
+            .expect("produce")
+            .expect("acknowledged");
+        assert_eq!(produced.base_offset, next as i64);
+        next += records;
+    }
+}
+
+#[test]
+fn committed_group_offsets_survive_a_restart() {
+    let mut broker = Broker::start(&["node.shards=2"]);
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        client.create_topic("orders", 2, &[]).await.expect("create");
+        client
+            .commit_offset("billing", "orders", 0, 17)
+            .await
+            .expect("commit");
+        client
+            .commit_offset("billing", "orders", 1, 4)
+            .await
+            .expect("commit");
+        let error = client
+            .commit_offset("billing", "orders", 9, 1)
+            .await
+            .expect_err("no partition 9");
+        assert!(
+            matches!(
+                error,
+                ClientError::Broker {
+                    code: ErrorCode::UnknownPartition,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    });
+    broker.restart();
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        assert_eq!(
+            client
+                .fetch_offset("billing", "orders", 0)
+                .await
+                .expect("fetch"),
+            Some(17)
+        );
+        assert_eq!(
+            client
+                .fetch_offset("billing", "orders", 1)
+                .await
+                .expect("fetch"),
+            Some(4)
+        );
+        assert_eq!(
+            client
+                .fetch_offset("other", "orders", 0)
+                .await
+                .expect("fetch"),
+            None
+        );
+        let groups = client.list_groups().await.expect("groups");
+        assert_eq!(groups.len(), 1);
+    });
+}
+
+fn read_frame(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut length = [0u8; 4];
+    stream.read_exact(&mut length).ok()?;
+    let mut body = vec![0u8; u32::from_le_bytes(length) as usize];
+    stream.read_exact(&mut body).ok()?;
+    Some(body)
+}
+
+#[test]
+fn malformed_and_oversized_frames_close_only_their_connection() {
+    let broker = Broker::start(&[
+        "limits.frame_bytes_max=65536",
+        "topic_defaults.batch_bytes_max=32768",
+    ]);
+    // Garbage where a handshake should be.
+    let mut garbage = TcpStream::connect(broker.native).expect("connect");
+    garbage
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    garbage
+        .write_all(&[3, 0, 0, 0, 0xff, 0xfe, 0xfd])
+        .expect("send garbage");
+    let answer = read_frame(&mut garbage).expect("an error frame before closing");
+    let (frame, _) = rill_protocol::ResponseFrame::decode(&answer).expect("decodable error");
+    assert!(
+        matches!(frame.response, rill_protocol::Response::Error { .. }),
+        "{frame:?}"
+    );
+    assert!(
+        read_frame(&mut garbage).is_none(),
+        "the connection is closed after garbage"
+    );
+
+    // A frame larger than frame_bytes_max is refused before it is buffered.
+    let mut oversized = TcpStream::connect(broker.native).expect("connect");
+    oversized
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    oversized
+        .write_all(&(100 * 1024 * 1024u32).to_le_bytes())
+        .expect("send length");
+    let answer = read_frame(&mut oversized).expect("an error frame");
+    let (frame, _) = rill_protocol::ResponseFrame::decode(&answer).expect("decodable error");
+    match frame.response {
+        rill_protocol::Response::Error { message, .. } => {
+            assert!(message.contains("frame_bytes_max"), "{message}")
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    assert!(read_frame(&mut oversized).is_none());
+
+    // A request before the handshake is refused.
+    let mut early = TcpStream::connect(broker.native).expect("connect");
+    early
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut ping = Vec::new();
+    rill_protocol::frame::encode_frame_vec(
+        &rill_protocol::RequestFrame {
+            correlation_id: 5,
+            request: rill_protocol::Request::Ping,
+        },
+        0,
+        &mut ping,
+    );
+    early.write_all(&ping).expect("send ping");
+    let answer = read_frame(&mut early).expect("an error frame");
+    let (frame, _) = rill_protocol::ResponseFrame::decode(&answer).expect("decodable");
+    assert!(matches!(
+        frame.response,
+        rill_protocol::Response::Error {
+            code: ErrorCode::HandshakeRequired,
+            ..
+        }
+    ));
+
+    // Everyone else is unaffected.
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        client.ping().await.expect("ping after bad clients");
+        let produced = client
+            .produce("after", Target::Any, Acks::Durable, &batch_of(0, 0, 10))
+            .await
+            .expect("produce after bad clients");
+        assert!(produced.is_some());
+    });
+}
+
+#[test]
+fn the_portable_driver_serves_the_same_protocol() {
+    let mut broker = Broker::start(&["node.io_driver=portable", "node.shards=2"]);
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        let status = client.status().await.expect("status");
+        assert_eq!(status.io_driver, "portable");
+        assert!(
+            status.io_driver_reason.contains("portable"),
+            "{}",
+            status.io_driver_reason
+        );
+        client
+            .create_topic("fallback", 2, &[])
+            .await
+            .expect("create");
+        produce_range(&client, "fallback", 2, 0, 10_000, Acks::Durable).await;
+    });
+    broker.restart();
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        for partition in 0..2 {
+            check_partition(&client, "fallback", partition, 10_000).await;
+        }
+        // Keys land where Kafka's partitioner puts them.
+        let produced = client
+            .produce(
+                "fallback",
+                Target::Key(b"device-17"),
+                Acks::Written,
+                &batch_of(0, 0, 1),
+            )
+            .await
+            .expect("produce by key")
+            .expect("acknowledged");
+        assert_eq!(
+            produced.partition,
+            rill_protocol::partitioner::partition_for_key(b"device-17", 2)
+        );
+    });
+}
+
+#[test]
+fn topic_admin_round_trip_and_clear_errors() {
+    let broker = Broker::start(&["topics.auto_create=false"]);
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        let error = client
+            .produce("missing", Target::Any, Acks::Written, &batch_of(0, 0, 1))
+            .await
+            .expect_err("auto-create is off");
+        assert!(error.to_string().contains("rill topic create"), "{error}");
+        client
+            .create_topic("t", 1, &[("retention_ms".into(), "60000".into())])
+            .await
+            .expect("create");
+        let error = client.create_topic("t", 1, &[]).await.expect_err("exists");
+        assert!(matches!(
+            error,
+            ClientError::Broker {
+                code: ErrorCode::TopicExists,
+                ..
+            }
+        ));
+        let error = client
+            .create_topic("bad/name", 1, &[])
+            .await
+            .expect_err("bad name");
+        assert!(error.to_string().contains('/'), "{error}");
+        client
+            .alter_topic("t", Some(3), &[("fsync".into(), "never".into())])
+            .await
+            .expect("alter");
+        let described = client.describe_topic("t").await.expect("describe");
+        assert_eq!(described.partitions.len(), 3);
+        assert!(
+            described.settings.contains("retention_ms=60000"),
+            "{}",
+            described.settings
+        );
+        assert!(
+            described.settings.contains("fsync=\"never\""),
+            "{}",
+            described.settings
+        );
+        let mut lines = BTreeMap::new();
+        for line in described.settings.lines() {
+            if let Some((key, value)) = line.split_once('=') {
+                lines.insert(key.to_string(), value.to_string());
+            }
+        }
+        assert!(lines.contains_key("segment_bytes_max"));
+        client.delete_topic("t").await.expect("delete");
+        let error = client.describe_topic("t").await.expect_err("deleted");
+        assert!(
+            matches!(
+                error,
+                ClientError::Broker {
+                    code: ErrorCode::UnknownTopic,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    });
+}
