@@ -122,3 +122,37 @@ pub fn fdatasync_latency(directory: &Path, iterations: usize) -> io::Result<Late
     std::fs::remove_file(&path)?;
     Ok(Latency::from_samples(&mut samples))
 }
+
+/// Loopback TCP bandwidth, one stream, 1 MiB writes: the ceiling for any
+/// figure that moves bytes through a socket on this machine.
+pub fn loopback_tcp_bandwidth(total_bytes: u64) -> io::Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let address = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> io::Result<u64> {
+        let (mut stream, _) = listener.accept()?;
+        let mut buffer = vec![0u8; BLOCK_BYTES];
+        let mut received = 0u64;
+        loop {
+            let read = stream.read(&mut buffer)?;
+            if read == 0 {
+                return Ok(received);
+            }
+            received += read as u64;
+        }
+    });
+    let mut stream = std::net::TcpStream::connect(address)?;
+    let chunk = vec![0x42u8; BLOCK_BYTES];
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < total_bytes {
+        stream.write_all(&chunk)?;
+        sent += BLOCK_BYTES as u64;
+    }
+    drop(stream);
+    let received = reader
+        .join()
+        .map_err(|_| io::Error::other("loopback reader panicked"))??;
+    let elapsed = started.elapsed();
+    Ok(received as f64 / elapsed.as_secs_f64())
+}

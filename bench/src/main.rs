@@ -5,8 +5,10 @@
 //! Every run is bounded: by the bytes it writes, and by a watchdog that ends
 //! the process with a clear message if the machine stalls.
 
+mod broker;
 mod limits;
 mod machine;
+mod native;
 mod report;
 mod storage;
 
@@ -28,6 +30,10 @@ enum Scenario {
     /// The storage engine: append per driver and fsync policy, write
     /// amplification, sealed-segment reads, recovery of an active segment.
     Storage,
+    /// The broker over the native protocol: produce and consume throughput
+    /// against loopback and disk limits, durable-produce latency at 50 MB/s,
+    /// CPU per GiB, resident memory idle and under load.
+    Native,
 }
 
 #[derive(Debug, Parser)]
@@ -103,6 +109,7 @@ fn run(arguments: &Arguments) -> anyhow::Result<()> {
     );
     let rows = match arguments.scenario {
         Scenario::Storage => storage_scenario(&data_dir, arguments.smoke)?,
+        Scenario::Native => native_scenario(&data_dir, arguments.smoke)?,
     };
     println!();
     print_table(&rows);
@@ -385,5 +392,141 @@ fn storage_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<V
             )),
         );
     }
+    Ok(rows)
+}
+
+/// The tiny-512m profile's memory budget (hw-profiles/tiny-512m.toml).
+const TINY_MEMORY_BUDGET_BYTES: u64 = 48 * 1024 * 1024;
+
+fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Vec<Row>> {
+    let (bytes, latency_seconds, memory_load_bytes) = if smoke {
+        (mib(64), 1, mib(16))
+    } else {
+        (mib(2048), 10, mib(256))
+    };
+    let mut rows = Vec::new();
+    eprintln!("limits: loopback TCP and raw direct write");
+    let loopback = gib_per_second(limits::loopback_tcp_bandwidth(bytes.max(mib(1024)))?);
+    let direct = {
+        let run = storage::RunDirectory::new(data_dir, "limits")?;
+        gib_per_second(limits::direct_write_bandwidth(
+            run.path(),
+            bytes.min(mib(1024)),
+        )?)
+    };
+    rows.push(Row::new(
+        "limit: loopback TCP, one stream, 1 MiB writes",
+        "raw",
+        loopback,
+        "GiB/s",
+    ));
+    rows.push(Row::new(
+        "limit: sequential O_DIRECT write, 1 MiB blocks, QD16",
+        "raw",
+        direct,
+        "GiB/s",
+    ));
+    let smaller = loopback.min(direct);
+    let budget = 512 * 1024 * 1024;
+    let run = storage::RunDirectory::new(data_dir, "native")?;
+    eprintln!(
+        "native produce then consume: {} MiB, 1 partition, acks=written",
+        bytes / mib(1)
+    );
+    let figures = native::throughput(run.path(), bytes, budget)?;
+    drop(run);
+    rows.push(
+        Row::new(
+            "native produce, 1 KiB records in 64 KiB batches, 1 partition, acks=written",
+            "broker",
+            gib_per_second(figures.produce_bytes_per_second),
+            "GiB/s",
+        )
+        .against(
+            if loopback < direct {
+                "loopback"
+            } else {
+                "direct write"
+            },
+            smaller,
+        )
+        .target(">= 50%")
+        .note(format!(
+            "{} MiB, window 64 batches (4 MiB), 2 shards; broker CPU {:.2} s/GiB",
+            figures.bytes / mib(1),
+            figures.produce_cpu_seconds_per_gib
+        )),
+    );
+    rows.push(
+        Row::new(
+            "native consume of data on disk, 4 MiB fetches",
+            "broker",
+            gib_per_second(figures.consume_bytes_per_second),
+            "GiB/s",
+        )
+        .against("loopback", loopback)
+        .target(">= 70%")
+        .note(format!(
+            "broker CPU {:.2} s/GiB; segment bytes copied through user space",
+            figures.consume_cpu_seconds_per_gib
+        )),
+    );
+    rows.push(
+        Row::new(
+            "broker peak resident memory under that load",
+            "broker",
+            figures.peak_resident_kib as f64 / 1024.0,
+            "MiB",
+        )
+        .against("memory budget", (budget / mib(1)) as f64)
+        .target("<= 100%"),
+    );
+    let run = storage::RunDirectory::new(data_dir, "durable")?;
+    eprintln!("durable produce at 50 MB/s offered for {latency_seconds} s");
+    let latency = native::durable_latency(
+        run.path(),
+        50e6,
+        std::time::Duration::from_secs(latency_seconds),
+    )?;
+    drop(run);
+    rows.push(
+        Row::new("durable produce (fsync every-batch) at 50 MB/s offered: p99 ack latency", "broker", latency.latency.p99_us, "us")
+            .target("<= 5000 µs")
+            .note(format!(
+                "p50 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs, {} batches, achieved {:.1} MB/s of {:.0}; latency from the intended send time",
+                latency.latency.p50_us,
+                latency.p999_us,
+                latency.latency.max_us,
+                latency.latency.samples,
+                latency.achieved_bytes_per_second / 1e6,
+                latency.offered_bytes_per_second / 1e6
+            )),
+    );
+    let run = storage::RunDirectory::new(data_dir, "memory")?;
+    eprintln!(
+        "resident memory on tiny-512m: idle, then under {} MiB of load",
+        memory_load_bytes / mib(1)
+    );
+    let (idle_kib, peak_kib) = native::memory(run.path(), "tiny-512m", memory_load_bytes)?;
+    drop(run);
+    rows.push(
+        Row::new(
+            "idle broker resident memory, profile tiny-512m",
+            "broker",
+            idle_kib as f64 / 1024.0,
+            "MiB",
+        )
+        .target("<= 16 MiB"),
+    );
+    rows.push(
+        Row::new(
+            "peak resident memory under load, profile tiny-512m",
+            "broker",
+            peak_kib as f64 / 1024.0,
+            "MiB",
+        )
+        .against("memory budget", (TINY_MEMORY_BUDGET_BYTES / mib(1)) as f64)
+        .target("<= 100%"),
+    );
     Ok(rows)
 }

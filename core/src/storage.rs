@@ -89,6 +89,9 @@ pub trait StorageFile: Clone + std::fmt::Debug {
     async fn size_bytes(&self) -> io::Result<u64>;
     /// Whether writes go around the page cache.
     fn direct(&self) -> bool;
+    /// Hints that `length` bytes at `position` will be read soon, so the OS
+    /// can start reading them ahead (sequential consumers). Best effort.
+    fn will_need(&self, _position: u64, _length: u64) {}
     /// The OS file descriptor, where one exists, so a network layer can send file
     /// ranges with sendfile or splice instead of copying them.
     fn raw_fd(&self) -> Option<i32>;
@@ -100,19 +103,21 @@ pub async fn read_exact_at<F: StorageFile>(
     position: u64,
     length: usize,
 ) -> io::Result<Vec<u8>> {
-    let mut out = vec![0u8; length];
-    let mut filled = 0usize;
+    let (result, mut out) = file.read_at(vec![0u8; length], position).await;
+    let mut filled = result?;
+    // Drivers read until the end of the file, so a short read is the end.
     while filled < length {
-        let chunk = vec![0u8; length - filled];
-        let (result, chunk) = file.read_at(chunk, position + filled as u64).await;
+        let (result, rest) = file
+            .read_at(vec![0u8; length - filled], position + filled as u64)
+            .await;
         let read = result?;
         if read == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("file ends before {} bytes at {position}", length),
+                format!("file ends before {length} bytes at {position}"),
             ));
         }
-        out[filled..filled + read].copy_from_slice(&chunk[..read]);
+        out[filled..filled + read].copy_from_slice(&rest[..read]);
         filled += read;
     }
     Ok(out)

@@ -126,6 +126,16 @@ impl<S: Storage> PartitionLog<S> {
         Ok(slice)
     }
 
+    /// Hints the OS to read ahead what a sequential consumer of `slice` will
+    /// ask for next: `window_bytes` after its last file range.
+    pub fn advise_sequential(&self, slice: &ReadSlice<S::File>, window_bytes: u64) {
+        if let Some(range) = slice.ranges.last() {
+            range
+                .file
+                .will_need(range.position + range.length, window_bytes);
+        }
+    }
+
     /// Like [`Self::read`], but copies the batches into memory and checks every
     /// one (length, magic, CRC-32C) right after reading it.
     pub async fn read_owned(

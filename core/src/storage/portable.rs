@@ -66,6 +66,19 @@ pub fn allocate_std(file: &fs::File, length: u64) -> io::Result<()> {
     }
 }
 
+/// Asks the kernel to read a file range ahead (POSIX_FADV_WILLNEED). Best
+/// effort: errors are ignored, the read that follows works either way.
+pub fn advise_will_need(fd: i32, position: u64, length: u64) {
+    let (Ok(offset), Ok(length)) = (
+        libc::off_t::try_from(position),
+        libc::off_t::try_from(length),
+    ) else {
+        return;
+    };
+    // SAFETY: posix_fadvise only reads its integer arguments.
+    unsafe { libc::posix_fadvise(fd, offset, length, libc::POSIX_FADV_WILLNEED) };
+}
+
 /// Syncs a directory so entries created, renamed or removed in it are durable.
 pub fn sync_dir_std(path: &Path) -> io::Result<()> {
     fs::File::open(path)?.sync_all()
@@ -153,6 +166,10 @@ impl StorageFile for PortableFile {
 
     fn direct(&self) -> bool {
         self.direct
+    }
+
+    fn will_need(&self, position: u64, length: u64) {
+        advise_will_need(self.file.as_raw_fd(), position, length);
     }
 
     fn raw_fd(&self) -> Option<i32> {

@@ -42,7 +42,7 @@ type ShutdownSignal = SharedFuture<oneshot::Receiver<()>>;
 /// How long a stopping shard waits for its connections to finish in-flight requests.
 const SHUTDOWN_GRACE_MS: u64 = 10_000;
 /// Bytes a connection's read buffer starts with.
-const READ_BUFFER_BYTES: usize = 64 * 1024;
+const READ_BUFFER_BYTES: usize = 256 * 1024;
 
 /// The body of a shard thread: runtime, partitions, acceptor, storage task.
 pub fn shard_main(
@@ -200,7 +200,7 @@ impl InFlight {
 struct Connection {
     shared: Arc<Shared>,
     peer: SocketAddr,
-    writer: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    writer: Option<mpsc::UnboundedSender<Outgoing>>,
     in_flight: Rc<InFlight>,
     view: TopicView,
     handshaken: bool,
@@ -213,16 +213,57 @@ impl Drop for Connection {
     }
 }
 
-async fn write_loop(mut stream: TcpStream, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
-    while let Some(mut frame) = frames.next().await {
-        // Coalesce what is already queued into one write.
-        while let Ok(more) = frames.try_recv() {
-            frame.extend_from_slice(&more);
-            if frame.len() >= 1024 * 1024 {
-                break;
+/// What the writer task sends: a whole frame, or a frame header followed by
+/// a large payload written without copying the two together.
+enum Outgoing {
+    Frame(Vec<u8>),
+    HeaderAndPayload(Vec<u8>, Vec<u8>),
+}
+
+/// Frames up to this size are coalesced into one write.
+const COALESCE_BYTES_MAX: usize = 256 * 1024;
+
+async fn write_loop(mut stream: TcpStream, mut outgoing: mpsc::UnboundedReceiver<Outgoing>) {
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(first) = outgoing.next().await {
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Outgoing::Frame(frame) if pending.len() + frame.len() <= COALESCE_BYTES_MAX => {
+                    pending.extend_from_slice(&frame);
+                }
+                Outgoing::Frame(frame) => {
+                    if !pending.is_empty()
+                        && stream
+                            .write_all(std::mem::take(&mut pending))
+                            .await
+                            .0
+                            .is_err()
+                    {
+                        return;
+                    }
+                    if stream.write_all(frame).await.0.is_err() {
+                        return;
+                    }
+                }
+                Outgoing::HeaderAndPayload(header, payload) => {
+                    pending.extend_from_slice(&header);
+                    let buffers = (std::mem::take(&mut pending), (payload,));
+                    if stream.write_vectored_all(buffers).await.0.is_err() {
+                        return;
+                    }
+                }
             }
+            // Take what else is queued before writing.
+            next = outgoing.try_recv().ok();
         }
-        if stream.write_all(frame).await.0.is_err() {
+        if !pending.is_empty()
+            && stream
+                .write_all(std::mem::take(&mut pending))
+                .await
+                .0
+                .is_err()
+        {
             return;
         }
     }
@@ -245,7 +286,7 @@ impl Connection {
 
     fn send_frame(&self, frame: Vec<u8>) {
         if let Some(writer) = &self.writer {
-            let _ = writer.unbounded_send(frame);
+            let _ = writer.unbounded_send(Outgoing::Frame(frame));
         }
     }
 
@@ -264,9 +305,8 @@ impl Connection {
             loop {
                 match split_frame(&buffer[consumed..], frame_bytes_max) {
                     Ok(Some((body, used))) => {
-                        let body = body.to_vec();
                         consumed += used;
-                        if !self.handle_frame(&body).await {
+                        if !self.handle_frame(body).await {
                             break 'connection;
                         }
                     }
@@ -409,7 +449,7 @@ impl Connection {
                 compio::runtime::spawn(async move {
                     let frame = match answer(&shared, &view, owned, any_partition).await {
                         Ok(frame) => frame(correlation_id),
-                        Err(error) => error_frame(correlation_id, &error),
+                        Err(error) => Outgoing::Frame(error_frame(correlation_id, &error)),
                     };
                     if let Some(writer) = writer {
                         let _ = writer.unbounded_send(frame);
@@ -508,7 +548,7 @@ impl Connection {
                 Err(error) => Some(error_frame(correlation_id, &error)),
             };
             if let (Some(frame), Some(writer)) = (frame, writer) {
-                let _ = writer.unbounded_send(frame);
+                let _ = writer.unbounded_send(Outgoing::Frame(frame));
             }
             in_flight.finish();
         }
@@ -650,10 +690,14 @@ impl From<Request<'_>> for OwnedRequest {
     }
 }
 
-type FrameBuilder = Box<dyn FnOnce(u32) -> Vec<u8>>;
+type FrameBuilder = Box<dyn FnOnce(u32) -> Outgoing>;
 
 fn reply(response: Response<'static>) -> FrameBuilder {
-    Box::new(move |correlation_id| response_frame(correlation_id, response, &[]))
+    Box::new(move |correlation_id| Outgoing::Frame(response_frame(correlation_id, response, &[])))
+}
+
+fn reply_owned(response: impl FnOnce() -> Response<'static> + 'static) -> FrameBuilder {
+    Box::new(move |correlation_id| Outgoing::Frame(response_frame(correlation_id, response(), &[])))
 }
 
 fn topic_meta(view: &TopicView, topic: &str) -> Result<TopicMeta, OpError> {
@@ -806,7 +850,16 @@ async fn answer(
                     next_offset: data.next_offset,
                     records_bytes: data.bytes.len() as u32,
                 };
-                response_frame(correlation_id, response, &data.bytes)
+                let mut header = Vec::with_capacity(64);
+                encode_frame_vec(
+                    &ResponseFrame {
+                        correlation_id,
+                        response,
+                    },
+                    data.bytes.len() as u32,
+                    &mut header,
+                );
+                Outgoing::HeaderAndPayload(header, data.bytes)
             })
         }
         OwnedRequest::ListOffsets {
@@ -823,15 +876,11 @@ async fn answer(
         }
         OwnedRequest::Metadata { topic } => {
             let topics = topic_infos(shared, view, topic.as_deref()).await?;
-            Box::new(move |correlation_id| {
-                response_frame(correlation_id, Response::Metadata { topics }, &[])
-            })
+            reply_owned(move || Response::Metadata { topics })
         }
         OwnedRequest::DescribeTopic { name } => {
             let topics = topic_infos(shared, view, Some(&name)).await?;
-            Box::new(move |correlation_id| {
-                response_frame(correlation_id, Response::Metadata { topics }, &[])
-            })
+            reply_owned(move || Response::Metadata { topics })
         }
         OwnedRequest::CreateTopic {
             name,
@@ -880,9 +929,7 @@ async fn answer(
                 .into_iter()
                 .map(|(group, offsets)| GroupInfo { group, offsets })
                 .collect();
-            Box::new(move |correlation_id| {
-                response_frame(correlation_id, Response::Groups { groups }, &[])
-            })
+            reply_owned(move || Response::Groups { groups })
         }
         OwnedRequest::Status => {
             let stats = shared.published_stats();
@@ -899,9 +946,7 @@ async fn answer(
                 disk_quota_bytes: shared.config.storage.disk_quota_bytes,
                 uptime_ms: shared.uptime_ms(),
             };
-            Box::new(move |correlation_id| {
-                response_frame(correlation_id, Response::Status(status), &[])
-            })
+            reply_owned(move || Response::Status(status))
         }
         OwnedRequest::Unexpected => {
             return Err(OpError::new(

@@ -328,6 +328,8 @@ impl Storage {
             .read(offset, max_bytes)
             .await
             .map_err(|error| read_error(&error))?;
+        // Sequential consumers come back for what follows: start reading it now.
+        log.advise_sequential(&slice, 2 * max_bytes);
         let mut bytes = Vec::with_capacity(slice.bytes as usize);
         for range in &slice.ranges {
             let chunk = rill_core::storage::read_exact_at(
@@ -339,7 +341,13 @@ impl Storage {
             .map_err(|error| {
                 OpError::new(ErrorCode::StorageError, format!("reading {key:?}: {error}"))
             })?;
-            bytes.extend_from_slice(&chunk);
+            if bytes.is_empty() {
+                // The first range becomes the buffer: no second copy.
+                bytes = chunk;
+                bytes.reserve((slice.bytes as usize).saturating_sub(bytes.len()));
+            } else {
+                bytes.extend_from_slice(&chunk);
+            }
         }
         bytes.extend_from_slice(&slice.memory_tail);
         self.shared

@@ -224,6 +224,10 @@ impl StorageFile for NodeFile {
         dispatch_file!(self, file => file.direct())
     }
 
+    fn will_need(&self, position: u64, length: u64) {
+        dispatch_file!(self, file => file.will_need(position, length))
+    }
+
     fn raw_fd(&self) -> Option<i32> {
         dispatch_file!(self, file => file.raw_fd())
     }

@@ -77,24 +77,34 @@ impl Storage for UringStorage {
 
 impl StorageFile for UringFile {
     async fn read_at(&self, mut buffer: Vec<u8>, position: u64) -> (io::Result<usize>, Vec<u8>) {
+        // Read straight into the caller's buffer: the ring fills the slice
+        // from the current length, and compio advances the length by what it read.
         let wanted = buffer.len();
-        let mut filled = 0usize;
-        while filled < wanted {
-            let chunk = Vec::with_capacity(wanted - filled).slice(0..wanted - filled);
-            let compio::BufResult(result, chunk) =
-                self.file.read_at(chunk, position + filled as u64).await;
-            let chunk = chunk.into_inner();
+        buffer.clear();
+        let mut outcome = Ok(());
+        while buffer.len() < wanted {
+            let filled = buffer.len();
+            let slice = buffer.slice(filled..wanted);
+            let compio::BufResult(result, slice) =
+                self.file.read_at(slice, position + filled as u64).await;
+            buffer = slice.into_inner();
             match result {
                 Ok(0) => break,
-                Ok(read) => {
-                    buffer[filled..filled + read].copy_from_slice(&chunk[..read]);
-                    filled += read;
-                }
+                Ok(_) => {}
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => return (Err(error), buffer),
+                Err(error) => {
+                    outcome = Err(error);
+                    break;
+                }
             }
         }
-        (Ok(filled), buffer)
+        let read = buffer.len();
+        buffer.resize(wanted, 0);
+        (outcome.map(|()| read), buffer)
+    }
+
+    fn will_need(&self, position: u64, length: u64) {
+        rill_core::storage::portable::advise_will_need(self.file.as_raw_fd(), position, length);
     }
 
     async fn write_at(&self, buffer: AlignedBuf, position: u64) -> (io::Result<()>, AlignedBuf) {

@@ -1,0 +1,259 @@
+//! Broker figures over the native protocol: produce and consume throughput
+//! against the loopback and disk limits, durable-produce latency at a fixed
+//! offered rate (counted from the intended send time, so a stalled broker
+//! cannot hide its stall), CPU per gigabyte, and resident memory idle and
+//! under load.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use rill_node::client::{Client, ClientConfig, PendingProduce};
+use rill_protocol::{Acks, Target};
+
+use crate::broker::BrokerProcess;
+use crate::report::Latency;
+use crate::storage::producer_batch;
+
+/// Batches a producer keeps unacknowledged (4 MiB, like a Kafka producer
+/// with several requests of batches in flight).
+const PRODUCE_WINDOW_BATCHES: usize = 64;
+
+pub struct ThroughputFigures {
+    pub produce_bytes_per_second: f64,
+    pub consume_bytes_per_second: f64,
+    pub produce_cpu_seconds_per_gib: f64,
+    pub consume_cpu_seconds_per_gib: f64,
+    pub peak_resident_kib: u64,
+    pub bytes: u64,
+}
+
+async fn connect(broker: &BrokerProcess) -> anyhow::Result<Client> {
+    let config = ClientConfig {
+        client_id: "rill-bench".into(),
+        ..ClientConfig::default()
+    };
+    Client::connect(&broker.native, config)
+        .await
+        .with_context(|| format!("connecting to the broker at {}", broker.native))
+}
+
+/// Produces `total_bytes` of 64 KiB batches (1 KiB records) to one partition
+/// with acks=written and a window of 16 batches, then consumes it all back.
+pub fn throughput(
+    data_dir: &Path,
+    total_bytes: u64,
+    memory_budget_bytes: u64,
+) -> anyhow::Result<ThroughputFigures> {
+    let broker = BrokerProcess::start(
+        data_dir,
+        &[
+            "node.shards=2".into(),
+            format!("node.memory_budget_bytes={memory_budget_bytes}"),
+        ],
+    )?;
+    let runtime = compio::runtime::Runtime::new()?;
+    let batch = producer_batch();
+    let (produce_elapsed, produce_cpu, appended) = runtime.block_on(async {
+        let client = connect(&broker).await?;
+        client.create_topic("bench", 1, &[]).await?;
+        let cpu_before = broker.cpu_seconds()?;
+        let started = Instant::now();
+        let mut window = VecDeque::new();
+        let mut sent = 0u64;
+        while sent < total_bytes {
+            window.push_back(client.start_produce(
+                "bench",
+                Target::Partition(0),
+                Acks::Written,
+                &batch,
+            )?);
+            sent += batch.len() as u64;
+            if window.len() >= PRODUCE_WINDOW_BATCHES
+                && let Some(oldest) = window.pop_front()
+            {
+                oldest.wait().await?;
+            }
+        }
+        for pending in window {
+            pending.wait().await?;
+        }
+        let elapsed = started.elapsed();
+        anyhow::Ok((elapsed, broker.cpu_seconds()? - cpu_before, sent))
+    })?;
+    let (consume_elapsed, consume_cpu, consumed) = runtime.block_on(async {
+        let client = connect(&broker).await?;
+        let cpu_before = broker.cpu_seconds()?;
+        let started = Instant::now();
+        let mut offset = 0i64;
+        let mut bytes = 0u64;
+        loop {
+            let fetched = client
+                .fetch("bench", 0, offset, 4 * 1024 * 1024, 1, 0)
+                .await?;
+            if fetched.batches.is_empty() {
+                break;
+            }
+            bytes += fetched.batches.len() as u64;
+            offset = fetched.next_offset;
+            if offset >= fetched.high_watermark {
+                break;
+            }
+        }
+        let elapsed = started.elapsed();
+        anyhow::Ok((elapsed, broker.cpu_seconds()? - cpu_before, bytes))
+    })?;
+    anyhow::ensure!(
+        consumed == appended,
+        "consumed {consumed} bytes of {appended} produced"
+    );
+    let (_, peak_resident_kib) = broker.resident_kib()?;
+    broker.stop()?;
+    let gib = appended as f64 / (1u64 << 30) as f64;
+    Ok(ThroughputFigures {
+        produce_bytes_per_second: appended as f64 / produce_elapsed.as_secs_f64(),
+        consume_bytes_per_second: consumed as f64 / consume_elapsed.as_secs_f64(),
+        produce_cpu_seconds_per_gib: produce_cpu / gib,
+        consume_cpu_seconds_per_gib: consume_cpu / gib,
+        peak_resident_kib,
+        bytes: appended,
+    })
+}
+
+pub struct LatencyFigures {
+    pub offered_bytes_per_second: f64,
+    pub achieved_bytes_per_second: f64,
+    pub latency: Latency,
+    pub p999_us: f64,
+}
+
+/// Durable produce (fsync every-batch, group commit) at a fixed offered rate:
+/// each batch has an intended send time on a fixed schedule, and its latency
+/// runs from that time to its acknowledgement.
+pub fn durable_latency(
+    data_dir: &Path,
+    offered_bytes_per_second: f64,
+    duration: Duration,
+) -> anyhow::Result<LatencyFigures> {
+    let broker = BrokerProcess::start(
+        data_dir,
+        &[
+            "node.shards=2".into(),
+            "topic_defaults.fsync=every-batch".into(),
+        ],
+    )?;
+    let runtime = compio::runtime::Runtime::new()?;
+    let batch = producer_batch();
+    let interval = Duration::from_secs_f64(batch.len() as f64 / offered_bytes_per_second);
+    let figures = runtime.block_on(async {
+        use futures_util::StreamExt;
+        let client = connect(&broker).await?;
+        client.create_topic("durable", 1, &[]).await?;
+        let histogram = Rc::new(RefCell::new(Histogram::<u64>::new_with_bounds(
+            1, 60_000_000, 3,
+        )?));
+        // Acknowledgements are collected in order by a task of their own, so
+        // the sender keeps to its schedule whatever the broker does.
+        let (acknowledge, mut acknowledgements) =
+            futures_channel::mpsc::unbounded::<(Instant, PendingProduce)>();
+        let collector = compio::runtime::spawn({
+            let histogram = histogram.clone();
+            async move {
+                while let Some((intended, produce)) = acknowledgements.next().await {
+                    produce.wait().await?;
+                    let micros = intended.elapsed().as_micros().max(1) as u64;
+                    histogram.borrow_mut().record(micros)?;
+                }
+                anyhow::Ok(())
+            }
+        });
+        let started = Instant::now();
+        let mut sent = 0u64;
+        let mut index = 0u32;
+        while started.elapsed() < duration {
+            let intended = started + interval * index;
+            let now = Instant::now();
+            if intended > now {
+                compio::time::sleep(intended - now).await;
+            }
+            let produce =
+                client.start_produce("durable", Target::Partition(0), Acks::Durable, &batch)?;
+            acknowledge
+                .unbounded_send((intended, produce))
+                .map_err(|_| anyhow::anyhow!("the acknowledgement collector stopped"))?;
+            sent += batch.len() as u64;
+            index += 1;
+        }
+        drop(acknowledge);
+        collector
+            .await
+            .map_err(|_| anyhow::anyhow!("the acknowledgement collector failed"))??;
+        let elapsed = started.elapsed();
+        let histogram = histogram.borrow();
+        let quantile = |value: f64| histogram.value_at_quantile(value) as f64;
+        anyhow::Ok(LatencyFigures {
+            offered_bytes_per_second,
+            achieved_bytes_per_second: sent as f64 / elapsed.as_secs_f64(),
+            latency: Latency {
+                samples: histogram.len() as usize,
+                mean_us: histogram.mean(),
+                p50_us: quantile(0.5),
+                p99_us: quantile(0.99),
+                max_us: histogram.max() as f64,
+            },
+            p999_us: quantile(0.999),
+        })
+    })?;
+    broker.stop()?;
+    Ok(figures)
+}
+
+/// Resident memory of an idle broker on a profile, and its peak while
+/// `load_bytes` are produced and consumed.
+pub fn memory(data_dir: &Path, profile: &str, load_bytes: u64) -> anyhow::Result<(u64, u64)> {
+    let broker = BrokerProcess::start(data_dir, &[format!("profile={profile}")])?;
+    // Let start-up allocations settle: the figure is the steady idle state.
+    std::thread::sleep(Duration::from_millis(500));
+    let (idle_kib, _) = broker.resident_kib()?;
+    let runtime = compio::runtime::Runtime::new()?;
+    let batch = producer_batch();
+    runtime.block_on(async {
+        let client = connect(&broker).await?;
+        client.create_topic("memory", 1, &[]).await?;
+        let mut sent = 0;
+        let mut window = VecDeque::new();
+        while sent < load_bytes {
+            window.push_back(client.start_produce(
+                "memory",
+                Target::Partition(0),
+                Acks::Written,
+                &batch,
+            )?);
+            sent += batch.len() as u64;
+            if window.len() >= PRODUCE_WINDOW_BATCHES
+                && let Some(oldest) = window.pop_front()
+            {
+                oldest.wait().await?;
+            }
+        }
+        for pending in window {
+            pending.wait().await?;
+        }
+        let mut offset = 0;
+        loop {
+            let fetched = client.fetch("memory", 0, offset, 1024 * 1024, 1, 0).await?;
+            offset = fetched.next_offset;
+            if fetched.batches.is_empty() || offset >= fetched.high_watermark {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let (_, peak_kib) = broker.resident_kib()?;
+    broker.stop()?;
+    Ok((idle_kib, peak_kib))
+}
