@@ -1,6 +1,6 @@
 //! `rill log verify DIR` against a real data directory: clean, then damaged.
 
-use std::process::Command;
+mod support;
 
 use rill_core::conformance::{make_batch, small_config};
 use rill_core::log::PartitionLog;
@@ -9,7 +9,7 @@ use rill_core::storage::block_on_ready;
 use rill_core::storage::portable::PortableStorage;
 
 fn verify(directory: &std::path::Path) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_rill"))
+    let output = support::rill_command()
         .args(["log", "verify"])
         .arg(directory)
         .output()

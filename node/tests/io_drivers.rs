@@ -3,7 +3,8 @@
 //! blocks io_uring, as Docker's default profile does.
 
 use std::os::unix::process::CommandExt;
-use std::process::Command;
+
+mod support;
 
 use compio::driver::DriverType;
 use rill_core::conformance;
@@ -11,6 +12,7 @@ use rill_node::io::{
     DriverSelection, IoDriver, IoDriverSetting, NodeStorage, UringStorage, build_runtime,
     io_uring_unavailable_reason, select_driver,
 };
+use support::rill_command;
 
 fn runtime_for(driver: IoDriver) -> (compio::runtime::Runtime, DriverSelection) {
     let mut selection = DriverSelection {
@@ -138,20 +140,6 @@ fn block_io_uring_setup() -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// `rill` itself, through `RILL_TEST_RUNNER` (qemu) when tests run emulated.
-fn rill_command() -> Command {
-    let runner = std::env::var("RILL_TEST_RUNNER").unwrap_or_default();
-    let mut parts = runner.split_whitespace();
-    match parts.next() {
-        Some(program) => {
-            let mut command = Command::new(program);
-            command.args(parts).arg(env!("CARGO_BIN_EXE_rill"));
-            command
-        }
-        None => Command::new(env!("CARGO_BIN_EXE_rill")),
-    }
 }
 
 #[test]

@@ -32,6 +32,21 @@ pub fn rill_binary() -> PathBuf {
     binary
 }
 
+/// A command running `rill`: through `RILL_TEST_RUNNER` when tests run
+/// under an emulator (the aarch64 gate runs them under qemu).
+pub fn rill_command() -> Command {
+    let runner = std::env::var("RILL_TEST_RUNNER").unwrap_or_default();
+    let mut runner = runner.split_whitespace();
+    match runner.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(runner).arg(rill_binary());
+            command
+        }
+        None => Command::new(rill_binary()),
+    }
+}
+
 /// A free TCP port on 127.0.0.1, outside the kernel's ephemeral range
 /// (32768 and up), so a client connection of another test cannot take a
 /// broker's port while the broker restarts.
@@ -111,23 +126,32 @@ impl Broker {
         broker
     }
 
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Resident memory of the broker process, in KiB.
+    pub fn resident_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find(|line| line.starts_with("VmRSS:"))
+                    .and_then(|line| line.split_whitespace().nth(1))
+                    .and_then(|value| value.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// The native listener as `host:port`.
     pub fn address(&self) -> String {
         self.native.to_string()
     }
 
     fn spawn(&mut self) {
-        // Under an emulator (the aarch64 gate), the binary runs through it.
-        let runner = std::env::var("RILL_TEST_RUNNER").unwrap_or_default();
-        let mut runner = runner.split_whitespace();
-        let mut command = match runner.next() {
-            Some(program) => {
-                let mut command = Command::new(program);
-                command.args(runner).arg(rill_binary());
-                command
-            }
-            None => Command::new(rill_binary()),
-        };
+        let mut command = rill_command();
         command
             .arg("serve")
             .arg("--set")

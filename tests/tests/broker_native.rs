@@ -515,3 +515,177 @@ fn topic_admin_round_trip_and_clear_errors() {
         );
     });
 }
+
+#[test]
+fn a_client_that_never_reads_cannot_grow_the_brokers_memory() {
+    let broker = Broker::start(&["limits.requests_in_flight_max=8", "node.shards=1"]);
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        client.create_topic("big", 1, &[]).await.expect("create");
+        // One batch of about 1 MiB that every fetch returns.
+        let mut builder = RecordBuilder::new();
+        for index in 0..1000u32 {
+            builder.push(0, None, Some(&vec![index as u8; 1000]), &[]);
+        }
+        client
+            .produce(
+                "big",
+                Target::Partition(0),
+                Acks::Written,
+                &builder.finish(),
+            )
+            .await
+            .expect("produce");
+    });
+    let before = broker.resident_kib();
+    let mut stalled = TcpStream::connect(broker.native).expect("connect");
+    let mut frames = Vec::new();
+    let handshake = rill_protocol::Request::Handshake {
+        protocol_version: 1,
+        client_id: "stalled",
+    };
+    rill_protocol::frame::encode_frame_vec(
+        &rill_protocol::RequestFrame {
+            correlation_id: 0,
+            request: handshake,
+        },
+        0,
+        &mut frames,
+    );
+    for correlation_id in 1..=400u32 {
+        let fetch = rill_protocol::Request::Fetch {
+            topic: "big",
+            partition: 0,
+            offset: 0,
+            max_bytes: 2 * 1024 * 1024,
+            min_bytes: 1,
+            max_wait_ms: 0,
+        };
+        rill_protocol::frame::encode_frame_vec(
+            &rill_protocol::RequestFrame {
+                correlation_id,
+                request: fetch,
+            },
+            0,
+            &mut frames,
+        );
+    }
+    // 400 fetches of 1 MiB each would be 400 MiB of answers; the client never reads.
+    stalled.set_nonblocking(true).expect("nonblocking");
+    let mut written = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while written < frames.len() && Instant::now() < deadline {
+        match stalled.write(&frames[written..]) {
+            Ok(count) => written += count,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::yield_now()
+            }
+            Err(error) => panic!("write: {error}"),
+        }
+    }
+    // Wait until the broker has read all it is going to read (its in-flight
+    // limit holds the rest in the socket), then measure.
+    let mut previous = 0;
+    rill_tests::wait_until(
+        "the broker's memory to settle",
+        Duration::from_secs(20),
+        || {
+            let now = broker.resident_kib();
+            let settled = now == previous;
+            previous = now;
+            settled
+        },
+    );
+    let grown_kib = broker.resident_kib().saturating_sub(before);
+    assert!(
+        grown_kib < 64 * 1024,
+        "a stalled client grew the broker by {grown_kib} KiB; answers must stay bounded by requests_in_flight_max"
+    );
+    // Others are still served.
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        client.ping().await.expect("ping while a client is stalled");
+    });
+}
+
+#[test]
+fn the_cli_produces_consumes_and_manages_topics() {
+    let broker = Broker::start(&["node.shards=2"]);
+    let rill = |arguments: &[&str], input: Option<&str>| {
+        let mut command = rill_tests::rill_command();
+        command
+            .args(arguments)
+            .arg("--broker")
+            .arg(broker.address());
+        command.stdin(if input.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        });
+        command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().expect("run rill");
+        if let Some(input) = input {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write stdin");
+        }
+        let output = child.wait_with_output().expect("rill output");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = rill(&["topic", "create", "lines", "--partitions", "2"], None);
+    assert!(ok, "{stdout}{stderr}");
+    let lines: String = (0..300).map(|index| format!("line {index}\n")).collect();
+    let (ok, stdout, stderr) = rill(&["produce", "lines", "--key", "k"], Some(&lines));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("produced 300 records"), "{stdout}{stderr}");
+    let (ok, stdout, stderr) = rill(
+        &["consume", "lines", "--from-beginning", "--group", "g1"],
+        None,
+    );
+    assert!(ok, "{stderr}");
+    let consumed: Vec<&str> = stdout.lines().collect();
+    assert_eq!(consumed.len(), 300, "{stdout}");
+    assert_eq!(consumed[0], "k\tline 0");
+    assert_eq!(consumed[299], "k\tline 299");
+    // The group resumes where it stopped: nothing new, nothing printed.
+    let (ok, stdout, _) = rill(&["consume", "lines", "--group", "g1"], None);
+    assert!(ok);
+    assert!(stdout.is_empty(), "{stdout}");
+    let (ok, stdout, _) = rill(
+        &[
+            "consume",
+            "lines",
+            "--from-beginning",
+            "--max-records",
+            "2",
+            "--output",
+            "json",
+        ],
+        None,
+    );
+    assert!(ok);
+    assert!(
+        stdout
+            .lines()
+            .next()
+            .is_some_and(|line| line.contains("\"value\":\"line 0\"")),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = rill(&["topic", "list"], None);
+    assert!(ok && stdout.contains("lines"), "{stdout}");
+    let (ok, stdout, _) = rill(&["group", "describe", "g1"], None);
+    assert!(ok && stdout.contains("lines"), "{stdout}");
+    let (ok, stdout, _) = rill(&["status"], None);
+    assert!(ok && stdout.contains("shards"), "{stdout}");
+    let (ok, _, stderr) = rill(&["topic", "describe", "nothing"], None);
+    assert!(!ok && stderr.contains("nothing"), "{stderr}");
+}

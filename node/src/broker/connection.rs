@@ -173,23 +173,37 @@ fn error_frame(correlation_id: u32, error: &OpError) -> Vec<u8> {
     )
 }
 
-/// Counts a connection's requests in flight and wakes the reader when one ends.
+/// Counts a connection's requests in flight (until their answer is written)
+/// and wakes the reader when one ends. A client that stops reading its
+/// answers therefore stops being read: memory stays bounded.
 #[derive(Default)]
 struct InFlight {
     count: Cell<u32>,
+    closed: Cell<bool>,
     waiter: RefCell<Option<oneshot::Sender<()>>>,
 }
 
 impl InFlight {
-    fn finish(&self) {
-        self.count.set(self.count.get().saturating_sub(1));
+    fn wake(&self) {
         if let Some(waiter) = self.waiter.borrow_mut().take() {
             let _ = waiter.send(());
         }
     }
 
+    fn finish(&self, requests: u32) {
+        self.count.set(self.count.get().saturating_sub(requests));
+        self.wake();
+    }
+
+    /// The writer is gone: nothing in flight will be answered any more.
+    fn close(&self) {
+        self.closed.set(true);
+        self.count.set(0);
+        self.wake();
+    }
+
     async fn below(&self, limit: u32) {
-        while self.count.get() >= limit {
+        while self.count.get() >= limit && !self.closed.get() {
             let (sender, receiver) = oneshot::channel();
             *self.waiter.borrow_mut() = Some(sender);
             let _ = receiver.await;
@@ -200,7 +214,7 @@ impl InFlight {
 struct Connection {
     shared: Arc<Shared>,
     peer: SocketAddr,
-    writer: Option<mpsc::UnboundedSender<Outgoing>>,
+    writer: Option<mpsc::UnboundedSender<Answer>>,
     in_flight: Rc<InFlight>,
     view: TopicView,
     handshaken: bool,
@@ -223,11 +237,29 @@ enum Outgoing {
 /// Frames up to this size are coalesced into one write.
 const COALESCE_BYTES_MAX: usize = 256 * 1024;
 
-async fn write_loop(mut stream: TcpStream, mut outgoing: mpsc::UnboundedReceiver<Outgoing>) {
+/// An answer for the writer, and whether it ends a counted request.
+type Answer = (Outgoing, bool);
+
+async fn write_loop(
+    stream: TcpStream,
+    outgoing: mpsc::UnboundedReceiver<Answer>,
+    in_flight: Rc<InFlight>,
+) {
+    write_answers(stream, outgoing, &in_flight).await;
+    in_flight.close();
+}
+
+async fn write_answers(
+    mut stream: TcpStream,
+    mut outgoing: mpsc::UnboundedReceiver<Answer>,
+    in_flight: &InFlight,
+) {
     let mut pending: Vec<u8> = Vec::new();
+    // Requests whose answers sit in `pending`, finished once it is written.
+    let mut answered = 0u32;
     while let Some(first) = outgoing.next().await {
         let mut next = Some(first);
-        while let Some(item) = next.take() {
+        while let Some((item, counted)) = next.take() {
             match item {
                 Outgoing::Frame(frame) if pending.len() + frame.len() <= COALESCE_BYTES_MAX => {
                     pending.extend_from_slice(&frame);
@@ -242,6 +274,7 @@ async fn write_loop(mut stream: TcpStream, mut outgoing: mpsc::UnboundedReceiver
                     {
                         return;
                     }
+                    in_flight.finish(std::mem::take(&mut answered));
                     if stream.write_all(frame).await.0.is_err() {
                         return;
                     }
@@ -252,7 +285,12 @@ async fn write_loop(mut stream: TcpStream, mut outgoing: mpsc::UnboundedReceiver
                     if stream.write_vectored_all(buffers).await.0.is_err() {
                         return;
                     }
+                    in_flight.finish(std::mem::take(&mut answered));
                 }
+            }
+            answered += u32::from(counted);
+            if pending.is_empty() {
+                in_flight.finish(std::mem::take(&mut answered));
             }
             // Take what else is queued before writing.
             next = outgoing.try_recv().ok();
@@ -266,6 +304,7 @@ async fn write_loop(mut stream: TcpStream, mut outgoing: mpsc::UnboundedReceiver
         {
             return;
         }
+        in_flight.finish(std::mem::take(&mut answered));
     }
     let _ = stream.shutdown().await;
 }
@@ -286,7 +325,7 @@ impl Connection {
 
     fn send_frame(&self, frame: Vec<u8>) {
         if let Some(writer) = &self.writer {
-            let _ = writer.unbounded_send(Outgoing::Frame(frame));
+            let _ = writer.unbounded_send((Outgoing::Frame(frame), false));
         }
     }
 
@@ -294,7 +333,8 @@ impl Connection {
         let _ = stream.set_nodelay(true);
         let (writer, frames) = mpsc::unbounded();
         self.writer = Some(writer);
-        let writer_task = compio::runtime::spawn(write_loop(stream.clone(), frames));
+        let writer_task =
+            compio::runtime::spawn(write_loop(stream.clone(), frames, self.in_flight.clone()));
         let mut reader = stream;
         let limits = &self.shared.config.limits;
         let frame_bytes_max = limits.frame_bytes_max;
@@ -306,6 +346,8 @@ impl Connection {
                 match split_frame(&buffer[consumed..], frame_bytes_max) {
                     Ok(Some((body, used))) => {
                         consumed += used;
+                        // Frames already read wait too: the limit holds per request.
+                        self.in_flight.below(in_flight_max).await;
                         if !self.handle_frame(body).await {
                             break 'connection;
                         }
@@ -436,7 +478,7 @@ impl Connection {
                     "second handshake on one connection",
                 );
                 self.send_frame(error_frame(correlation_id, &error));
-                self.in_flight.finish();
+                self.in_flight.finish(1);
                 return false;
             }
             request => {
@@ -451,10 +493,11 @@ impl Connection {
                         Ok(frame) => frame(correlation_id),
                         Err(error) => Outgoing::Frame(error_frame(correlation_id, &error)),
                     };
-                    if let Some(writer) = writer {
-                        let _ = writer.unbounded_send(frame);
+                    let queued =
+                        writer.is_some_and(|writer| writer.unbounded_send((frame, true)).is_ok());
+                    if !queued {
+                        in_flight.finish(1);
                     }
-                    in_flight.finish();
                 })
                 .detach();
             }
@@ -547,10 +590,15 @@ impl Connection {
                 Err(_) if acks == Acks::None => None,
                 Err(error) => Some(error_frame(correlation_id, &error)),
             };
-            if let (Some(frame), Some(writer)) = (frame, writer) {
-                let _ = writer.unbounded_send(Outgoing::Frame(frame));
+            let queued = match (frame, writer) {
+                (Some(frame), Some(writer)) => writer
+                    .unbounded_send((Outgoing::Frame(frame), true))
+                    .is_ok(),
+                _ => false,
+            };
+            if !queued {
+                in_flight.finish(1);
             }
-            in_flight.finish();
         }
     }
 }
