@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use rill_node::cli::{self as commands, ConsumeOptions, Output, ProduceOptions, ResetTo};
-use rill_node::client::{Client, ClientConfig};
+use rill_node::client::{Client, ClientConfig, ClientTls};
 use rill_node::config::{self, MachineFacts};
 use rill_node::io::{IoDriverSetting, build_runtime, select_driver};
 use rill_protocol::Acks;
@@ -30,6 +30,47 @@ struct BrokerArgument {
     /// The broker's native listener.
     #[arg(long, global = true, env = "RILL_BROKER", default_value = DEFAULT_BROKER)]
     broker: String,
+    /// Speak TLS, trusting the CA certificates in this PEM file.
+    #[arg(long, global = true, env = "RILL_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that require one.
+    #[arg(long, global = true, env = "RILL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, global = true, env = "RILL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name the broker's certificate must carry (default: the host of --broker).
+    #[arg(long, global = true)]
+    tls_server_name: Option<String>,
+}
+
+impl BrokerArgument {
+    fn client_config(&self) -> anyhow::Result<ClientConfig> {
+        let tls = match &self.tls_ca {
+            Some(ca) => {
+                let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+                let server_name = match &self.tls_server_name {
+                    Some(name) => name.clone(),
+                    None => self
+                        .broker
+                        .rsplit_once(':')
+                        .map_or(self.broker.as_str(), |(host, _)| host)
+                        .trim_matches(['[', ']'])
+                        .to_string(),
+                };
+                Some(ClientTls {
+                    config: rill_node::tls::client_config(ca, identity)?,
+                    server_name,
+                })
+            }
+            None => None,
+        };
+        Ok(ClientConfig {
+            client_id: "rill-cli".into(),
+            tls,
+            ..ClientConfig::default()
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,18 +292,15 @@ fn key_values(settings: &[String]) -> anyhow::Result<Vec<(String, String)>> {
 }
 
 /// Runs a client command on a small runtime of its own.
-fn with_client<F, Fut>(broker: &str, command: F) -> anyhow::Result<ExitCode>
+fn with_client<F, Fut>(broker: &BrokerArgument, command: F) -> anyhow::Result<ExitCode>
 where
     F: FnOnce(Client) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let runtime = compio::runtime::Runtime::new().context("starting the client runtime")?;
     runtime.block_on(async {
-        let config = ClientConfig {
-            client_id: "rill-cli".into(),
-            ..ClientConfig::default()
-        };
-        let client = Client::connect(broker, config).await?;
+        let config = broker.client_config()?;
+        let client = Client::connect(&broker.broker, config).await?;
         command(client).await
     })?;
     Ok(ExitCode::SUCCESS)
@@ -298,7 +336,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rill_node::broker::serve(config)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Topic { command, broker } => with_client(&broker.broker, |client| async move {
+        Command::Topic { command, broker } => with_client(&broker, |client| async move {
             use commands as topic;
             match command {
                 TopicCommand::Create {
@@ -323,7 +361,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             partition,
             acks,
             broker,
-        } => with_client(&broker.broker, |client| async move {
+        } => with_client(&broker, |client| async move {
             let options = ProduceOptions {
                 key,
                 partition,
@@ -347,7 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_records,
             output,
             broker,
-        } => with_client(&broker.broker, |client| async move {
+        } => with_client(&broker, |client| async move {
             let options = ConsumeOptions {
                 partition,
                 from_beginning,
@@ -362,7 +400,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             commands::consume(&client, &topic, options).await
         }),
-        Command::Group { command, broker } => with_client(&broker.broker, |client| async move {
+        Command::Group { command, broker } => with_client(&broker, |client| async move {
             use commands as group;
             match command {
                 GroupCommand::List => group::group_list(&client).await,
@@ -376,9 +414,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } => group::group_reset_offsets(&client, &name, &topic, parse_reset(&to)?).await,
             }
         }),
-        Command::Status { broker } => with_client(&broker.broker, |client| async move {
-            commands::status(&client).await
-        }),
+        Command::Status { broker } => {
+            with_client(
+                &broker,
+                |client| async move { commands::status(&client).await },
+            )
+        }
         Command::Log {
             command: LogCommand::Verify { dir },
         } => verify(&dir),

@@ -176,12 +176,21 @@ impl Broker {
 
     fn wait_ready(&mut self) {
         let admin = self.admin;
+        let native = self.native;
+        // With TLS on every listener, readiness is the native port accepting.
+        let tls = self
+            .settings
+            .iter()
+            .any(|setting| setting.starts_with("tls.cert_file="));
         let child = self.child.as_mut().expect("running");
         let mut exited = None;
         wait_until("the broker to be ready", BROKER_DEADLINE, || {
             if let Ok(Some(status)) = child.try_wait() {
                 exited = Some(status);
                 return true;
+            }
+            if tls {
+                return TcpStream::connect_timeout(&native, Duration::from_secs(1)).is_ok();
             }
             matches!(http_get(admin, "/ready"), Ok((200, _)))
         });

@@ -4,7 +4,7 @@
 //! off the shards, and answers one short request per connection.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +12,10 @@ use anyhow::Context;
 
 use super::Shared;
 use super::metrics::ProcessFacts;
+
+/// A byte stream: plain TCP or TLS over it.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
 
 /// Largest request head the admin listener reads.
 const REQUEST_BYTES_MAX: usize = 8 * 1024;
@@ -24,7 +28,24 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>) -> anyhow::Result<()> {
                 let Ok(stream) = stream else {
                     continue;
                 };
-                if let Err(error) = answer(stream, &shared) {
+                let result = stream
+                    .set_read_timeout(Some(Duration::from_secs(2)))
+                    .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(2))))
+                    .and_then(|()| match &shared.tls {
+                        Some(config) => {
+                            let session = rustls::ServerConnection::new(config.clone())
+                                .map_err(std::io::Error::other)?;
+                            let mut tls = rustls::StreamOwned::new(session, stream);
+                            answer(&mut tls, &shared)?;
+                            tls.conn.send_close_notify();
+                            tls.flush()
+                        }
+                        None => {
+                            let mut stream = stream;
+                            answer(&mut stream, &shared)
+                        }
+                    });
+                if let Err(error) = result {
                     tracing::debug!(%error, "admin request failed");
                 }
             }
@@ -44,9 +65,7 @@ fn disk_free_bytes(path: &std::path::Path) -> Option<u64> {
     }
 }
 
-fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+fn answer(stream: &mut impl ReadWrite, shared: &Shared) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     while !head.windows(4).any(|window| window == b"\r\n\r\n") && head.len() < REQUEST_BYTES_MAX {

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use compio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use compio::io::{AsyncWrite, AsyncWriteExt};
 use compio::net::{TcpListener, TcpStream};
 use futures_channel::{mpsc, oneshot};
 use futures_util::StreamExt;
@@ -232,7 +232,11 @@ impl Drop for Connection {
 enum Outgoing {
     Frame(Vec<u8>),
     HeaderAndPayload(Vec<u8>, Vec<u8>),
+    /// Nothing to answer, but TLS has handshake or alert bytes to send.
+    Flush,
 }
+
+use crate::tls::{TlsSession, encrypt};
 
 /// Frames up to this size are coalesced into one write.
 const COALESCE_BYTES_MAX: usize = 256 * 1024;
@@ -244,9 +248,41 @@ async fn write_loop(
     stream: TcpStream,
     outgoing: mpsc::UnboundedReceiver<Answer>,
     in_flight: Rc<InFlight>,
+    tls: Option<TlsSession>,
 ) {
-    write_answers(stream, outgoing, &in_flight).await;
+    match tls {
+        Some(session) => write_answers_tls(stream, outgoing, &in_flight, &session).await,
+        None => write_answers(stream, outgoing, &in_flight).await,
+    }
     in_flight.close();
+}
+
+async fn write_answers_tls(
+    mut stream: TcpStream,
+    mut outgoing: mpsc::UnboundedReceiver<Answer>,
+    in_flight: &InFlight,
+    session: &TlsSession,
+) {
+    while let Some((item, counted)) = outgoing.next().await {
+        let ciphertext = match &item {
+            Outgoing::Frame(frame) => encrypt(session, &[frame]),
+            Outgoing::HeaderAndPayload(header, payload) => encrypt(session, &[header, payload]),
+            Outgoing::Flush => encrypt(session, &[]),
+        };
+        let Ok(ciphertext) = ciphertext else {
+            return;
+        };
+        if !ciphertext.is_empty() && stream.write_all(ciphertext).await.0.is_err() {
+            return;
+        }
+        in_flight.finish(u32::from(counted));
+    }
+    // Say goodbye properly (close_notify), then close.
+    session.borrow_mut().send_close_notify();
+    if let Ok(ciphertext) = encrypt(session, &[]) {
+        let _ = stream.write_all(ciphertext).await;
+    }
+    let _ = stream.shutdown().await;
 }
 
 async fn write_answers(
@@ -279,6 +315,7 @@ async fn write_answers(
                         return;
                     }
                 }
+                Outgoing::Flush => {}
                 Outgoing::HeaderAndPayload(header, payload) => {
                     pending.extend_from_slice(&header);
                     let buffers = (std::mem::take(&mut pending), (payload,));
@@ -331,10 +368,28 @@ impl Connection {
 
     async fn serve(mut self, stream: TcpStream, stopped: ShutdownSignal) {
         let _ = stream.set_nodelay(true);
+        let tls = match &self.shared.tls {
+            Some(config) => match rustls::ServerConnection::new(config.clone()) {
+                Ok(mut session) => {
+                    // In-flight limits bound what is buffered, not rustls.
+                    session.set_buffer_limit(None);
+                    Some(Rc::new(RefCell::new(rustls::Connection::Server(session))))
+                }
+                Err(error) => {
+                    tracing::warn!(peer = %self.peer, %error, "TLS session could not start");
+                    return;
+                }
+            },
+            None => None,
+        };
         let (writer, frames) = mpsc::unbounded();
         self.writer = Some(writer);
-        let writer_task =
-            compio::runtime::spawn(write_loop(stream.clone(), frames, self.in_flight.clone()));
+        let writer_task = compio::runtime::spawn(write_loop(
+            stream.clone(),
+            frames,
+            self.in_flight.clone(),
+            tls.clone(),
+        ));
         let mut reader = stream;
         let limits = &self.shared.config.limits;
         let frame_bytes_max = limits.frame_bytes_max;
@@ -375,7 +430,16 @@ impl Connection {
             };
             buffer.reserve(wanted);
             let read = select(
-                Box::pin(reader.append(std::mem::take(&mut buffer))),
+                Box::pin(crate::tls::read_plaintext(
+                    &mut reader,
+                    tls.as_ref(),
+                    || {
+                        if let Some(writer) = &self.writer {
+                            let _ = writer.unbounded_send((Outgoing::Flush, false));
+                        }
+                    },
+                    std::mem::take(&mut buffer),
+                )),
                 stopped.clone(),
             )
             .await;

@@ -48,6 +48,8 @@ pub struct Shared {
     pub groups: GroupStore,
     pub usage: DiskUsage,
     pub metrics: Metrics,
+    /// TLS for the listeners, when `tls.cert_file` is set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     inboxes: Vec<mpsc::UnboundedSender<ShardOp>>,
     connections: AtomicU32,
     stats: Vec<Mutex<Vec<PartitionStats>>>,
@@ -474,10 +476,28 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             config.listeners.admin
         )
     })?;
+    let tls = if config.tls.enabled() {
+        let client_ca = (!config.tls.client_ca_file.is_empty())
+            .then(|| std::path::Path::new(&config.tls.client_ca_file));
+        let server = crate::tls::server_config(
+            std::path::Path::new(&config.tls.cert_file),
+            std::path::Path::new(&config.tls.key_file),
+            client_ca,
+        )
+        .context("setting up TLS (tls.cert_file, tls.key_file, tls.client_ca_file)")?;
+        tracing::info!(
+            client_certificates = client_ca.is_some(),
+            "TLS on every listener"
+        );
+        Some(server)
+    } else {
+        None
+    };
     let shards = config.node.shards.max(1);
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::unbounded()).unzip();
     let shared = Arc::new(Shared {
         metrics: Metrics::new(shards),
+        tls,
         driver,
         topics: TopicDirectory::new(table),
         groups,

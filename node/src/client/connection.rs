@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use compio::BufResult;
-use compio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use compio::io::{AsyncWrite, AsyncWriteExt};
 use compio::net::TcpStream;
 use futures_channel::{mpsc, oneshot};
 use futures_util::StreamExt;
@@ -71,6 +71,8 @@ enum WriteJob {
     },
     /// Close the write side and stop: the connection is over.
     Shutdown,
+    /// Nothing to send but TLS handshake or alert bytes.
+    Flush,
 }
 
 struct State {
@@ -103,7 +105,11 @@ pub(crate) struct Driver {
 
 impl Driver {
     /// Starts the reader and writer tasks on `stream` (in the current runtime).
-    pub(crate) fn start(stream: TcpStream, frame_bytes_max: u32) -> Self {
+    pub(crate) fn start(
+        stream: TcpStream,
+        frame_bytes_max: u32,
+        tls: Option<crate::tls::TlsSession>,
+    ) -> Self {
         let (writes, queue) = mpsc::unbounded();
         let connection = Rc::new(Connection {
             state: RefCell::new(State {
@@ -114,12 +120,18 @@ impl Driver {
             writes,
             broker_frame_bytes_max: Cell::new(0),
         });
+        if tls.is_some() {
+            // The client speaks first in TLS: send the ClientHello.
+            let _ = connection.writes.unbounded_send(WriteJob::Flush);
+        }
         let reader = compio::runtime::spawn(read_responses(
             stream.clone(),
             Rc::clone(&connection),
             frame_bytes_max,
+            tls.clone(),
         ));
-        let writer = compio::runtime::spawn(write_requests(stream, Rc::clone(&connection), queue));
+        let writer =
+            compio::runtime::spawn(write_requests(stream, Rc::clone(&connection), queue, tls));
         Self {
             connection,
             _reader: reader,
@@ -264,7 +276,12 @@ pub(crate) fn describe_response(response: &Response<'_>) -> String {
 
 /// The reader task: reads into one growing buffer, splits frames with the
 /// configured limit, and routes each. Any failure closes the connection.
-async fn read_responses(mut stream: TcpStream, connection: Rc<Connection>, frame_bytes_max: u32) {
+async fn read_responses(
+    mut stream: TcpStream,
+    connection: Rc<Connection>,
+    frame_bytes_max: u32,
+    tls: Option<crate::tls::TlsSession>,
+) {
     let mut buffer: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
     let reason = loop {
         let mut consumed = 0;
@@ -302,7 +319,11 @@ async fn read_responses(mut stream: TcpStream, connection: Rc<Connection>, frame
                 .saturating_sub(buffer.len())
                 .max(READ_CHUNK_BYTES / 4),
         );
-        let BufResult(result, returned) = stream.append(buffer).await;
+        let flush = || {
+            let _ = connection.writes.unbounded_send(WriteJob::Flush);
+        };
+        let BufResult(result, returned) =
+            crate::tls::read_plaintext(&mut stream, tls.as_ref(), flush, buffer).await;
         buffer = returned;
         match result {
             Ok(0) => break CloseReason::Lost("the broker hung up".into()),
@@ -321,6 +342,7 @@ async fn write_requests(
     mut stream: TcpStream,
     connection: Rc<Connection>,
     mut queue: mpsc::UnboundedReceiver<WriteJob>,
+    tls: Option<crate::tls::TlsSession>,
 ) {
     while let Some(job) = queue.next().await {
         let mut frames = Vec::new();
@@ -337,14 +359,33 @@ async fn write_requests(
                     shutdown = true;
                     break;
                 }
+                WriteJob::Flush => {}
             }
             if frames.len() < WRITE_FRAMES_MAX {
                 next = queue.try_recv().ok();
             }
         }
+        if frames.is_empty()
+            && let Some(session) = &tls
+            && let Ok(ciphertext) = crate::tls::encrypt(session, &[])
+            && !ciphertext.is_empty()
+            && stream.write_all(ciphertext).await.0.is_err()
+        {
+            connection.close(CloseReason::Lost("writing the TLS handshake failed".into()));
+            break;
+        }
         // Nothing is sent after a close: waiters were already failed.
         if !frames.is_empty() && connection.close_reason().is_none() {
-            let BufResult(result, _) = stream.write_vectored_all(frames).await;
+            let result = match &tls {
+                None => stream.write_vectored_all(frames).await.0,
+                Some(session) => {
+                    let parts: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+                    match crate::tls::encrypt(session, &parts) {
+                        Ok(ciphertext) => stream.write_all(ciphertext).await.0,
+                        Err(error) => Err(error),
+                    }
+                }
+            };
             match result {
                 Ok(()) => {
                     for sender in notify {

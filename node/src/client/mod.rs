@@ -55,7 +55,25 @@ pub struct ClientConfig {
     pub request_timeout_ms: u64,
     /// How long connecting and the handshake may take.
     pub connect_timeout_ms: u64,
+    /// TLS to the broker; `None` is plain TCP.
+    pub tls: Option<ClientTls>,
 }
+
+/// How a client speaks TLS to the broker.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+    /// The name the broker's certificate must carry (DNS name or IP address).
+    pub server_name: String,
+}
+
+impl PartialEq for ClientTls {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.config, &other.config) && self.server_name == other.server_name
+    }
+}
+
+impl Eq for ClientTls {}
 
 impl Default for ClientConfig {
     fn default() -> Self {
@@ -64,6 +82,7 @@ impl Default for ClientConfig {
             frame_bytes_max: 16 * 1024 * 1024,
             request_timeout_ms: 30_000,
             connect_timeout_ms: 10_000,
+            tls: None,
         }
     }
 }
@@ -210,7 +229,27 @@ impl Client {
         };
         // Requests are small and answered one by one: do not let Nagle hold them.
         stream.set_nodelay(true).map_err(connect_error)?;
-        let driver = Driver::start(stream, config.frame_bytes_max);
+        let tls = match &config.tls {
+            Some(tls) => {
+                let server_name = rustls::pki_types::ServerName::try_from(tls.server_name.clone())
+                    .map_err(|error| {
+                        connect_error(std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!(
+                                "`{}` is not a valid TLS server name: {error}",
+                                tls.server_name
+                            ),
+                        ))
+                    })?;
+                let session = rustls::ClientConnection::new(tls.config.clone(), server_name)
+                    .map_err(|error| connect_error(std::io::Error::other(error)))?;
+                Some(std::rc::Rc::new(std::cell::RefCell::new(
+                    rustls::Connection::Client(session),
+                )))
+            }
+            None => None,
+        };
+        let driver = Driver::start(stream, config.frame_bytes_max, tls);
         let pending = driver.connection.send(
             Request::Handshake {
                 protocol_version: PROTOCOL_VERSION,

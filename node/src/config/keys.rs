@@ -19,6 +19,7 @@ pub(crate) const SECTIONS: &[&str] = &[
     "storage",
     "topics",
     TOPIC_SECTION,
+    "tls",
 ];
 
 /// `RILL_` variables that are not configuration keys but belong to Rill
@@ -307,6 +308,24 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         Kind::Priority,
         "integer",
         "Among `evict-oldest` topics, lower priorities are evicted first.",
+    ),
+    key(
+        "tls.cert_file",
+        Kind::Path,
+        "path",
+        "PEM certificate chain; when set, every listener (native and admin) speaks TLS (rustls). Empty: plain TCP.",
+    ),
+    key(
+        "tls.key_file",
+        Kind::Path,
+        "path",
+        "PEM private key of tls.cert_file (PKCS#8, PKCS#1 or SEC1).",
+    ),
+    key(
+        "tls.client_ca_file",
+        Kind::Path,
+        "path",
+        "PEM CA certificates; when set, clients must present a certificate signed by one of them. Empty: no client certificates.",
     ),
 ];
 

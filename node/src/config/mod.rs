@@ -49,6 +49,7 @@ pub struct Config {
     pub storage: StorageSection,
     pub topics: TopicsSection,
     pub topic_defaults: TopicSettings,
+    pub tls: TlsSection,
 }
 
 impl Default for Config {
@@ -62,6 +63,7 @@ impl Default for Config {
             storage: StorageSection::default(),
             topics: TopicsSection::default(),
             topic_defaults: TopicSettings::default(),
+            tls: TlsSection::default(),
         }
     }
 }
@@ -189,6 +191,26 @@ impl Default for TopicsSection {
             auto_create: true,
             default_partitions: 1,
         }
+    }
+}
+
+/// `[tls]`: TLS (rustls) on every listener once a certificate and key are
+/// given. Empty strings mean "not set".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM file with the certificate chain the listeners present.
+    pub cert_file: String,
+    /// PEM file with the certificate's private key.
+    pub key_file: String,
+    /// PEM file of CAs whose client certificates are accepted; when set,
+    /// clients must present one.
+    pub client_ca_file: String,
+}
+
+impl TlsSection {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty()
     }
 }
 

@@ -1,0 +1,148 @@
+//! TLS (rustls) on the broker's listeners: clients that trust the CA produce
+//! and consume, plain clients are refused, and with a client CA configured a
+//! client must present a certificate. The admin listener speaks TLS too.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rill_core::batch::RecordBuilder;
+use rill_node::client::{Client, ClientConfig, ClientTls, records_of};
+use rill_protocol::{Acks, Target};
+use rill_tests::Broker;
+
+struct Pki {
+    ca: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+fn pki() -> Pki {
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca certificate");
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().expect("leaf key");
+        let certificate = CertificateParams::new(names)
+            .expect("leaf params")
+            .signed_by(&key, &issuer)
+            .expect("leaf certificate");
+        (certificate.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca: ca.pem(),
+        server: leaf(vec!["localhost".into(), "127.0.0.1".into()]),
+        client: leaf(vec!["device-17".into()]),
+    }
+}
+
+fn write(directory: &Path, name: &str, contents: &str) -> String {
+    let path = directory.join(name);
+    std::fs::write(&path, contents).expect("write pem");
+    path.display().to_string()
+}
+
+fn client_tls(ca: &Path, identity: Option<(&Path, &Path)>) -> ClientTls {
+    ClientTls {
+        config: rill_node::tls::client_config(ca, identity).expect("client tls config"),
+        server_name: "localhost".into(),
+    }
+}
+
+async fn round_trip(broker: &Broker, tls: Option<ClientTls>) -> Result<usize, String> {
+    let config = ClientConfig {
+        tls,
+        ..ClientConfig::default()
+    };
+    let client = Client::connect(&broker.address(), config)
+        .await
+        .map_err(|error| error.to_string())?;
+    let mut builder = RecordBuilder::new();
+    for index in 0..100u32 {
+        builder.push(0, None, Some(format!("secret {index}").as_bytes()), &[]);
+    }
+    client
+        .produce(
+            "private",
+            Target::Partition(0),
+            Acks::Durable,
+            &builder.finish(),
+        )
+        .await
+        .map_err(|error| error.to_string())?;
+    let fetched = client
+        .fetch("private", 0, 0, 1024 * 1024, 1, 0)
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok(records_of(&fetched.batches)
+        .map_err(|error| error.to_string())?
+        .len())
+}
+
+#[test]
+fn tls_listeners_serve_trusted_clients_and_refuse_plain_ones() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let pki = pki();
+    let ca = write(directory.path(), "ca.pem", &pki.ca);
+    let cert = write(directory.path(), "server.pem", &pki.server.0);
+    let key = write(directory.path(), "server.key", &pki.server.1);
+    let broker = Broker::start(&[
+        &format!("tls.cert_file={cert}"),
+        &format!("tls.key_file={key}"),
+    ]);
+    let runtime = compio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let records = round_trip(&broker, Some(client_tls(Path::new(&ca), None)))
+            .await
+            .expect("TLS round trip");
+        assert_eq!(records, 100);
+        let error = round_trip(&broker, None)
+            .await
+            .expect_err("plain TCP must not get through");
+        assert!(!error.is_empty());
+    });
+
+    // The admin listener speaks TLS as well.
+    let config = rill_node::tls::client_config(Path::new(&ca), None).expect("config");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let session = rustls::ClientConnection::new(Arc::clone(&config), name).expect("session");
+    let socket = std::net::TcpStream::connect(broker.admin).expect("connect admin");
+    let mut stream = rustls::StreamOwned::new(session, socket);
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: rill\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
+#[test]
+fn a_client_ca_makes_client_certificates_mandatory() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let pki = pki();
+    let ca = write(directory.path(), "ca.pem", &pki.ca);
+    let cert = write(directory.path(), "server.pem", &pki.server.0);
+    let key = write(directory.path(), "server.key", &pki.server.1);
+    let client_cert = write(directory.path(), "client.pem", &pki.client.0);
+    let client_key = write(directory.path(), "client.key", &pki.client.1);
+    let broker = Broker::start(&[
+        &format!("tls.cert_file={cert}"),
+        &format!("tls.key_file={key}"),
+        &format!("tls.client_ca_file={ca}"),
+    ]);
+    let runtime = compio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let identity = (Path::new(&client_cert), Path::new(&client_key));
+        let records = round_trip(&broker, Some(client_tls(Path::new(&ca), Some(identity))))
+            .await
+            .expect("a client with a certificate gets through");
+        assert_eq!(records, 100);
+        let error = round_trip(&broker, Some(client_tls(Path::new(&ca), None)))
+            .await
+            .expect_err("a client without a certificate is refused");
+        assert!(!error.is_empty());
+    });
+}
