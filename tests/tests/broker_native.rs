@@ -689,3 +689,28 @@ fn the_cli_produces_consumes_and_manages_topics() {
     let (ok, _, stderr) = rill(&["topic", "describe", "nothing"], None);
     assert!(!ok && stderr.contains("nothing"), "{stderr}");
 }
+
+#[test]
+fn buffered_segments_are_sent_with_splice_byte_for_byte() {
+    // Buffered segments on the io_uring driver go out with splice (file to
+    // pipe to socket, no copy through user space); the portable driver copies.
+    let mut broker = Broker::start(&["node.shards=2", "topic_defaults.direct_io=false"]);
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        client
+            .create_topic("spliced", 2, &[])
+            .await
+            .expect("create");
+        produce_range(&client, "spliced", 2, 0, 30_000, Acks::Written).await;
+        for partition in 0..2 {
+            check_partition(&client, "spliced", partition, 30_000).await;
+        }
+    });
+    broker.restart();
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        for partition in 0..2 {
+            check_partition(&client, "spliced", partition, 30_000).await;
+        }
+    });
+}

@@ -28,7 +28,7 @@ use rill_protocol::{
 };
 
 use super::errors::OpError;
-use super::shard::{FetchData, ShardOp, Storage, TICK_MS};
+use super::shard::{FetchData, SendRange, ShardOp, Storage, TICK_MS};
 use super::topics::{TopicMeta, TopicView, shard_of};
 use super::{
     Shared, alter_topic, create_topic, delete_topic, ensure_topic, parse_settings, settings_text,
@@ -234,6 +234,71 @@ enum Outgoing {
     HeaderAndPayload(Vec<u8>, Vec<u8>),
     /// Nothing to answer, but TLS has handshake or alert bytes to send.
     Flush,
+    /// A frame header, segment file ranges sent with splice (no copy through
+    /// user space), then bytes from memory.
+    Ranges {
+        header: Vec<u8>,
+        ranges: Vec<SendRange>,
+        tail: Vec<u8>,
+    },
+}
+
+/// Bytes a connection's splice pipe holds (it is resized to this).
+const PIPE_BYTES: usize = 1024 * 1024;
+
+/// Moves a file range to the socket through a pipe with splice: the bytes
+/// go from the page cache to the socket without entering user space.
+async fn splice_range(
+    stream: &TcpStream,
+    pipe: &(compio::fs::pipe::Receiver, compio::fs::pipe::Sender),
+    range: SendRange,
+) -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: the descriptor is ours (a dup made by the owning shard).
+    let file = unsafe { compio::fs::File::from_raw_fd(range.fd.into_raw_fd()) };
+    let mut position = range.position;
+    let mut remaining = range.length;
+    while remaining > 0 {
+        let chunk = remaining.min(PIPE_BYTES as u64) as usize;
+        let moved = compio::fs::pipe::splice(&file, &pipe.1, chunk)
+            .offset_in(position as i64)
+            .await?;
+        if moved == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "segment shorter than its range",
+            ));
+        }
+        let mut in_pipe = moved;
+        while in_pipe > 0 {
+            let sent = compio::fs::pipe::splice(&pipe.0, stream, in_pipe).await?;
+            if sent == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    "socket closed",
+                ));
+            }
+            in_pipe -= sent;
+        }
+        position += moved as u64;
+        remaining -= moved as u64;
+    }
+    Ok(())
+}
+
+/// A pipe for splicing, sized to [`PIPE_BYTES`] where the kernel allows.
+async fn splice_pipe() -> std::io::Result<(compio::fs::pipe::Receiver, compio::fs::pipe::Sender)> {
+    use std::os::fd::AsRawFd;
+    let (receiver, sender) = compio::fs::pipe::anonymous().await?;
+    // SAFETY: fcntl on a descriptor we own; failure keeps the default size.
+    unsafe {
+        libc::fcntl(
+            sender.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            PIPE_BYTES as libc::c_int,
+        )
+    };
+    Ok((receiver, sender))
 }
 
 use crate::tls::{TlsSession, encrypt};
@@ -257,6 +322,18 @@ async fn write_loop(
     in_flight.close();
 }
 
+fn read_ranges(ranges: &[SendRange]) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = Vec::new();
+    for range in ranges {
+        let file = std::fs::File::from(range.fd.try_clone()?);
+        let start = bytes.len();
+        bytes.resize(start + range.length as usize, 0);
+        file.read_exact_at(&mut bytes[start..], range.position)?;
+    }
+    Ok(bytes)
+}
+
 async fn write_answers_tls(
     mut stream: TcpStream,
     mut outgoing: mpsc::UnboundedReceiver<Answer>,
@@ -268,6 +345,12 @@ async fn write_answers_tls(
             Outgoing::Frame(frame) => encrypt(session, &[frame]),
             Outgoing::HeaderAndPayload(header, payload) => encrypt(session, &[header, payload]),
             Outgoing::Flush => encrypt(session, &[]),
+            // TLS connections ask for copied bytes; read ranges if one comes anyway.
+            Outgoing::Ranges {
+                header,
+                ranges,
+                tail,
+            } => read_ranges(ranges).and_then(|bytes| encrypt(session, &[header, &bytes, tail])),
         };
         let Ok(ciphertext) = ciphertext else {
             return;
@@ -291,6 +374,7 @@ async fn write_answers(
     in_flight: &InFlight,
 ) {
     let mut pending: Vec<u8> = Vec::new();
+    let mut pipe = None;
     // Requests whose answers sit in `pending`, finished once it is written.
     let mut answered = 0u32;
     while let Some(first) = outgoing.next().await {
@@ -316,6 +400,43 @@ async fn write_answers(
                     }
                 }
                 Outgoing::Flush => {}
+                Outgoing::Ranges {
+                    header,
+                    ranges,
+                    tail,
+                } => {
+                    pending.extend_from_slice(&header);
+                    if stream
+                        .write_all(std::mem::take(&mut pending))
+                        .await
+                        .0
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if pipe.is_none() {
+                        match splice_pipe().await {
+                            Ok(created) => pipe = Some(created),
+                            Err(error) => {
+                                tracing::warn!(%error, "no pipe for zero-copy sends; closing the connection");
+                                return;
+                            }
+                        }
+                    }
+                    let Some(splice) = pipe.as_ref() else {
+                        return;
+                    };
+                    for range in ranges {
+                        if let Err(error) = splice_range(&stream, splice, range).await {
+                            tracing::debug!(%error, "sending a file range failed");
+                            return;
+                        }
+                    }
+                    if !tail.is_empty() && stream.write_all(tail).await.0.is_err() {
+                        return;
+                    }
+                    in_flight.finish(std::mem::take(&mut answered));
+                }
                 Outgoing::HeaderAndPayload(header, payload) => {
                     pending.extend_from_slice(&header);
                     let buffers = (std::mem::take(&mut pending), (payload,));
@@ -551,9 +672,12 @@ impl Connection {
                 let in_flight = self.in_flight.clone();
                 let owned = OwnedRequest::from(request);
                 let view = self.view.clone();
-                let any_partition = self.next_partition.get();
+                // Splice needs the io_uring driver (the polling fallback would
+                // block on it), and TLS needs the bytes in rustls.
+                let zero_copy = self.shared.tls.is_none()
+                    && self.shared.driver.driver == crate::io::IoDriver::IoUring;
                 compio::runtime::spawn(async move {
-                    let frame = match answer(&shared, &view, owned, any_partition).await {
+                    let frame = match answer(&shared, &view, owned, zero_copy).await {
                         Ok(frame) => frame(correlation_id),
                         Err(error) => Outgoing::Frame(error_frame(correlation_id, &error)),
                     };
@@ -871,15 +995,27 @@ async fn topic_infos(
         .collect())
 }
 
-async fn fetch_with_wait(
-    shared: &Shared,
+/// A fetch as the connection hands it to the owning shard.
+struct FetchRequest {
     owner: usize,
     key: (String, u32),
     offset: i64,
     max_bytes: u64,
     min_bytes: u64,
     max_wait: Duration,
-) -> Result<FetchData, OpError> {
+    zero_copy: bool,
+}
+
+async fn fetch_with_wait(shared: &Shared, request: FetchRequest) -> Result<FetchData, OpError> {
+    let FetchRequest {
+        owner,
+        key,
+        offset,
+        max_bytes,
+        min_bytes,
+        max_wait,
+        zero_copy,
+    } = request;
     let deadline = Instant::now() + max_wait;
     loop {
         let data = shared
@@ -887,11 +1023,12 @@ async fn fetch_with_wait(
                 key: key.clone(),
                 offset,
                 max_bytes,
+                zero_copy,
                 reply,
             })
             .await??;
         let remaining = deadline.saturating_duration_since(Instant::now());
-        if data.bytes.len() as u64 >= min_bytes.max(1)
+        if data.total_bytes() >= min_bytes.max(1)
             || remaining.is_zero()
             || shared.is_shutting_down()
         {
@@ -914,6 +1051,7 @@ async fn fetch_with_wait(
                     key: key.clone(),
                     offset,
                     max_bytes,
+                    zero_copy,
                     reply,
                 })
                 .await?;
@@ -925,7 +1063,7 @@ async fn answer(
     shared: &Shared,
     view: &TopicView,
     request: OwnedRequest,
-    _any: u32,
+    zero_copy: bool,
 ) -> Result<FrameBuilder, OpError> {
     let limits = &shared.config.limits;
     Ok(match request {
@@ -940,19 +1078,23 @@ async fn answer(
         } => {
             let started = Instant::now();
             let owner = owner_of(shared, view, &topic, partition)?;
+            // Segments written with direct I/O are not in the page cache: one
+            // large read beats splicing from the disk in pipe-sized steps.
+            // Buffered segments are, and splice sends them without a copy.
+            let zero_copy = zero_copy && !topic_meta(view, &topic)?.settings.direct_io;
             let max_bytes = u64::from(max_bytes.min(limits.fetch_bytes_max).max(1));
             let max_wait =
                 Duration::from_millis(u64::from(max_wait_ms).min(limits.fetch_wait_ms_max));
-            let data = fetch_with_wait(
-                shared,
+            let request = FetchRequest {
                 owner,
-                (topic, partition),
+                key: (topic, partition),
                 offset,
                 max_bytes,
-                u64::from(min_bytes),
+                min_bytes: u64::from(min_bytes),
                 max_wait,
-            )
-            .await?;
+                zero_copy,
+            };
+            let data = fetch_with_wait(shared, request).await?;
             shared.metrics.fetch_latency.record(started.elapsed());
             Box::new(move |correlation_id| {
                 let response = Response::Fetched {
@@ -960,7 +1102,7 @@ async fn answer(
                     high_watermark: data.high_watermark,
                     log_start_offset: data.log_start_offset,
                     next_offset: data.next_offset,
-                    records_bytes: data.bytes.len() as u32,
+                    records_bytes: data.total_bytes() as u32,
                 };
                 let mut header = Vec::with_capacity(64);
                 encode_frame_vec(
@@ -968,10 +1110,18 @@ async fn answer(
                         correlation_id,
                         response,
                     },
-                    data.bytes.len() as u32,
+                    data.total_bytes() as u32,
                     &mut header,
                 );
-                Outgoing::HeaderAndPayload(header, data.bytes)
+                if data.ranges.is_empty() {
+                    Outgoing::HeaderAndPayload(header, data.bytes)
+                } else {
+                    Outgoing::Ranges {
+                        header,
+                        ranges: data.ranges,
+                        tail: data.bytes,
+                    }
+                }
             })
         }
         OwnedRequest::ListOffsets {

@@ -458,6 +458,40 @@ fn pin_to_core(index: usize) {
     }
 }
 
+/// How long a start keeps trying a listener address that is still in use.
+/// After a crash the kernel releases an io_uring process's sockets a moment
+/// after the process is gone, so an immediate restart can find them busy.
+const BIND_RETRY_MS: u64 = 5_000;
+
+fn bind_listener(
+    address: std::net::SocketAddr,
+    name: &str,
+    key: &str,
+) -> anyhow::Result<std::net::TcpListener> {
+    let started = Instant::now();
+    let mut announced = false;
+    loop {
+        match std::net::TcpListener::bind(address) {
+            Ok(listener) => return Ok(listener),
+            Err(error)
+                if error.kind() == std::io::ErrorKind::AddrInUse
+                    && started.elapsed() < std::time::Duration::from_millis(BIND_RETRY_MS) =>
+            {
+                if !announced {
+                    tracing::warn!(%address, "{name} listener address in use; retrying for {} s", BIND_RETRY_MS / 1000);
+                    announced = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(error) => {
+                return Err(error).with_context(|| {
+                    format!("binding the {name} listener on {address}: is another broker using the port? ({key})")
+                });
+            }
+        }
+    }
+}
+
 /// Runs the broker until a signal stops it.
 pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut driver = select_driver(config.node.io_driver).map_err(anyhow::Error::msg)?;
@@ -466,16 +500,9 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&config)?;
     let table = topics::load_all(&config.data_dir)?;
     let groups = GroupStore::open(&config.data_dir)?;
-    let native = std::net::TcpListener::bind(config.listeners.native).with_context(|| {
-        format!("binding the native listener on {}: is another broker using the port? (listeners.native)", config.listeners.native)
-    })?;
+    let native = bind_listener(config.listeners.native, "native", "listeners.native")?;
     native.set_nonblocking(true)?;
-    let admin = std::net::TcpListener::bind(config.listeners.admin).with_context(|| {
-        format!(
-            "binding the admin listener on {} (listeners.admin)",
-            config.listeners.admin
-        )
-    })?;
+    let admin = bind_listener(config.listeners.admin, "admin", "listeners.admin")?;
     let tls = if config.tls.enabled() {
         let client_ca = (!config.tls.client_ca_file.is_empty())
             .then(|| std::path::Path::new(&config.tls.client_ca_file));

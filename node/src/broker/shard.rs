@@ -21,6 +21,7 @@ use super::errors::{OpError, append_error, read_error};
 use super::{Shared, now_ms};
 use crate::config::TopicSettings;
 use crate::io::NodeStorage;
+use rill_core::storage::StorageFile;
 
 /// How often a shard wakes for housekeeping (interval syncs, retention,
 /// checkpoints, statistics) when nothing else happens.
@@ -31,13 +32,31 @@ const DATA_WAITERS_MAX: usize = 1024;
 
 pub type PartitionKey = (String, u32);
 
-/// Bytes of whole batches read for a fetch, with the partition's state.
+/// A range of a segment file to send as it is (zero copy), with its own
+/// descriptor so it outlives retention and crosses threads.
+#[derive(Debug)]
+pub struct SendRange {
+    pub fd: std::os::fd::OwnedFd,
+    pub position: u64,
+    pub length: u64,
+}
+
+/// Whole batches for a fetch, with the partition's state: file ranges to
+/// send without copying (when asked for), then `bytes` (copied batches, or
+/// the part still in the active segment's write buffer).
 #[derive(Debug)]
 pub struct FetchData {
+    pub ranges: Vec<SendRange>,
     pub bytes: Vec<u8>,
     pub high_watermark: i64,
     pub log_start_offset: i64,
     pub next_offset: i64,
+}
+
+impl FetchData {
+    pub fn total_bytes(&self) -> u64 {
+        self.ranges.iter().map(|range| range.length).sum::<u64>() + self.bytes.len() as u64
+    }
 }
 
 /// A partition's figures, for metadata, status and metrics.
@@ -69,6 +88,8 @@ pub enum ShardOp {
         key: PartitionKey,
         offset: i64,
         max_bytes: u64,
+        /// Return file ranges to send with splice instead of copied bytes.
+        zero_copy: bool,
         reply: oneshot::Sender<Result<FetchData, OpError>>,
     },
     /// Answers once the partition holds data at `offset` (or on shutdown).
@@ -224,9 +245,10 @@ impl Storage {
                 key,
                 offset,
                 max_bytes,
+                zero_copy,
                 reply,
             } => {
-                let _ = reply.send(self.fetch(&key, offset, max_bytes).await);
+                let _ = reply.send(self.fetch(&key, offset, max_bytes, zero_copy).await);
             }
             ShardOp::WaitForData { key, offset, reply } => self.wait_for_data(key, offset, reply),
             ShardOp::ListOffsets { key, at, reply } => {
@@ -319,6 +341,7 @@ impl Storage {
         key: &PartitionKey,
         offset: i64,
         max_bytes: u64,
+        zero_copy: bool,
     ) -> Result<FetchData, OpError> {
         let log = self
             .logs
@@ -330,8 +353,24 @@ impl Storage {
             .map_err(|error| read_error(&error))?;
         // Sequential consumers come back for what follows: start reading it now.
         log.advise_sequential(&slice, 2 * max_bytes);
-        let mut bytes = Vec::with_capacity(slice.bytes as usize);
+        let mut ranges = Vec::new();
+        let mut bytes = Vec::new();
         for range in &slice.ranges {
+            // Zero copy needs a real descriptor; the in-memory driver has none.
+            let duplicate = range.file.raw_fd().filter(|_| zero_copy).and_then(|fd| {
+                // SAFETY: the descriptor is open while the segment's handle lives (here).
+                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+                    .try_clone_to_owned()
+                    .ok()
+            });
+            if let Some(fd) = duplicate {
+                ranges.push(SendRange {
+                    fd,
+                    position: range.position,
+                    length: range.length,
+                });
+                continue;
+            }
             let chunk = rill_core::storage::read_exact_at(
                 &range.file,
                 range.position,
@@ -350,13 +389,12 @@ impl Storage {
             }
         }
         bytes.extend_from_slice(&slice.memory_tail);
-        self.shared
-            .metrics
-            .record_fetch(self.index, bytes.len() as u64);
+        self.shared.metrics.record_fetch(self.index, slice.bytes);
         if let Some(state) = self.partitions.get_mut(key) {
-            state.bytes_out += bytes.len() as u64;
+            state.bytes_out += slice.bytes;
         }
         Ok(FetchData {
+            ranges,
             bytes,
             high_watermark: slice.high_watermark,
             log_start_offset: slice.log_start_offset,
