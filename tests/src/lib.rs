@@ -200,7 +200,8 @@ impl Broker {
         );
     }
 
-    fn signal(&self, signal: i32) {
+    /// Sends a signal to the broker.
+    pub fn signal(&self, signal: i32) {
         if let Some(child) = &self.child {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(child.id() as i32, signal) };
@@ -219,7 +220,8 @@ impl Broker {
         self.wait_exit();
     }
 
-    fn wait_exit(&mut self) -> ExitStatus {
+    /// Waits (bounded) for the broker to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         let mut status = None;
         wait_until("the broker to exit", BROKER_DEADLINE, || {

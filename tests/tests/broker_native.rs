@@ -519,70 +519,10 @@ fn topic_admin_round_trip_and_clear_errors() {
 #[test]
 fn a_client_that_never_reads_cannot_grow_the_brokers_memory() {
     let broker = Broker::start(&["limits.requests_in_flight_max=8", "node.shards=1"]);
-    runtime().block_on(async {
-        let client = connect(&broker).await;
-        client.create_topic("big", 1, &[]).await.expect("create");
-        // One batch of about 1 MiB that every fetch returns.
-        let mut builder = RecordBuilder::new();
-        for index in 0..1000u32 {
-            builder.push(0, None, Some(&vec![index as u8; 1000]), &[]);
-        }
-        client
-            .produce(
-                "big",
-                Target::Partition(0),
-                Acks::Written,
-                &builder.finish(),
-            )
-            .await
-            .expect("produce");
-    });
+    produce_one_mebibyte(&broker, "big");
     let before = broker.resident_kib();
-    let mut stalled = TcpStream::connect(broker.native).expect("connect");
-    let mut frames = Vec::new();
-    let handshake = rill_protocol::Request::Handshake {
-        protocol_version: 1,
-        client_id: "stalled",
-    };
-    rill_protocol::frame::encode_frame_vec(
-        &rill_protocol::RequestFrame {
-            correlation_id: 0,
-            request: handshake,
-        },
-        0,
-        &mut frames,
-    );
-    for correlation_id in 1..=400u32 {
-        let fetch = rill_protocol::Request::Fetch {
-            topic: "big",
-            partition: 0,
-            offset: 0,
-            max_bytes: 2 * 1024 * 1024,
-            min_bytes: 1,
-            max_wait_ms: 0,
-        };
-        rill_protocol::frame::encode_frame_vec(
-            &rill_protocol::RequestFrame {
-                correlation_id,
-                request: fetch,
-            },
-            0,
-            &mut frames,
-        );
-    }
     // 400 fetches of 1 MiB each would be 400 MiB of answers; the client never reads.
-    stalled.set_nonblocking(true).expect("nonblocking");
-    let mut written = 0;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while written < frames.len() && Instant::now() < deadline {
-        match stalled.write(&frames[written..]) {
-            Ok(count) => written += count,
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::yield_now()
-            }
-            Err(error) => panic!("write: {error}"),
-        }
-    }
+    let _stalled = stalled_fetcher(&broker, "big", 400);
     // Wait until the broker has read all it is going to read (its in-flight
     // limit holds the rest in the socket), then measure.
     let mut previous = 0;
@@ -713,4 +653,151 @@ fn buffered_segments_are_sent_with_splice_byte_for_byte() {
             check_partition(&client, "spliced", partition, 30_000).await;
         }
     });
+}
+
+/// Opens a raw connection that asks for `count` fetches of `topic` and never
+/// reads an answer.
+fn stalled_fetcher(broker: &Broker, topic: &str, count: u32) -> TcpStream {
+    let mut stalled = TcpStream::connect(broker.native).expect("connect");
+    let mut frames = Vec::new();
+    let handshake = rill_protocol::Request::Handshake {
+        protocol_version: 1,
+        client_id: "stalled",
+    };
+    rill_protocol::frame::encode_frame_vec(
+        &rill_protocol::RequestFrame {
+            correlation_id: 0,
+            request: handshake,
+        },
+        0,
+        &mut frames,
+    );
+    for correlation_id in 1..=count {
+        let fetch = rill_protocol::Request::Fetch {
+            topic,
+            partition: 0,
+            offset: 0,
+            max_bytes: 2 << 20,
+            min_bytes: 1,
+            max_wait_ms: 0,
+        };
+        rill_protocol::frame::encode_frame_vec(
+            &rill_protocol::RequestFrame {
+                correlation_id,
+                request: fetch,
+            },
+            0,
+            &mut frames,
+        );
+    }
+    stalled.set_nonblocking(true).expect("nonblocking");
+    let mut written = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while written < frames.len() && Instant::now() < deadline {
+        match stalled.write(&frames[written..]) {
+            Ok(count) => written += count,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::yield_now()
+            }
+            Err(error) => panic!("write: {error}"),
+        }
+    }
+    stalled
+}
+
+fn produce_one_mebibyte(broker: &Broker, topic: &str) {
+    runtime().block_on(async {
+        let client = connect(broker).await;
+        client.create_topic(topic, 1, &[]).await.expect("create");
+        let mut builder = RecordBuilder::new();
+        for index in 0..1000u32 {
+            builder.push(0, None, Some(&vec![index as u8; 1000]), &[]);
+        }
+        client
+            .produce(
+                topic,
+                Target::Partition(0),
+                Acks::Written,
+                &builder.finish(),
+            )
+            .await
+            .expect("produce");
+    });
+}
+
+fn metric(broker: &Broker, name: &str) -> Option<f64> {
+    let (_, body) = rill_tests::http_get(broker.admin, "/metrics").ok()?;
+    body.lines()
+        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|value| value.parse().ok())
+}
+
+#[test]
+fn the_buffer_budget_bounds_memory_across_connections() {
+    // A generous per-connection limit, a small broker-wide budget.
+    let broker = Broker::start(&[
+        "limits.requests_in_flight_max=10000",
+        "limits.buffer_memory_bytes_max=16777216",
+        "node.shards=1",
+    ]);
+    produce_one_mebibyte(&broker, "budget");
+    let before = broker.resident_kib();
+    let _first = stalled_fetcher(&broker, "budget", 300);
+    let _second = stalled_fetcher(&broker, "budget", 300);
+    let mut previous = 0;
+    rill_tests::wait_until(
+        "the broker's memory to settle",
+        Duration::from_secs(20),
+        || {
+            let now = broker.resident_kib();
+            let settled = now == previous;
+            previous = now;
+            settled
+        },
+    );
+    let grown_kib = broker.resident_kib().saturating_sub(before);
+    assert!(
+        grown_kib < 96 * 1024,
+        "600 unread 1 MiB answers grew the broker by {grown_kib} KiB"
+    );
+    let held = metric(&broker, "rill_buffer_bytes").expect("buffer metric");
+    assert!(
+        held <= 16.0 * 1048576.0 + 4.0 * 1048576.0,
+        "buffers hold {held} bytes"
+    );
+    runtime().block_on(async {
+        connect(&broker)
+            .await
+            .ping()
+            .await
+            .expect("others are still served");
+    });
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let mut broker = Broker::start(&["limits.requests_in_flight_max=64", "node.shards=1"]);
+    produce_one_mebibyte(&broker, "stuck");
+    // A client that never reads keeps the graceful shutdown waiting.
+    let _stalled = stalled_fetcher(&broker, "stuck", 64);
+    rill_tests::wait_until("answers to pile up", Duration::from_secs(20), || {
+        metric(&broker, "rill_buffer_bytes").is_some_and(|bytes| bytes > 1048576.0)
+    });
+    let started = Instant::now();
+    broker.signal(libc::SIGTERM);
+    rill_tests::wait_until("the shutdown to begin", Duration::from_secs(10), || {
+        matches!(rill_tests::http_get(broker.admin, "/ready"), Ok((503, _)))
+    });
+    broker.signal(libc::SIGTERM);
+    let status = broker.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "the second signal exits at once with 130"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "it did not wait out the grace period"
+    );
 }

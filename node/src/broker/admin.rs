@@ -86,6 +86,8 @@ fn answer(stream: &mut impl ReadWrite, shared: &Shared) -> std::io::Result<()> {
                 disk_used_bytes: shared.usage.bytes(),
                 disk_quota_bytes: shared.config.storage.disk_quota_bytes,
                 disk_free_bytes: disk_free_bytes(&shared.config.data_dir),
+                buffer_bytes: shared.buffers.used(),
+                buffer_bytes_max: shared.config.limits.buffer_memory_bytes_max,
             };
             let page = shared.metrics.render(&shared.published_stats(), &facts);
             ("200 OK", "text/plain; version=0.0.4", page)

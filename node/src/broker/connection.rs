@@ -41,6 +41,8 @@ type ShutdownSignal = SharedFuture<oneshot::Receiver<()>>;
 
 /// How long a stopping shard waits for its connections to finish in-flight requests.
 const SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// How often a connection held back by the buffer budget looks again.
+const BUDGET_RECHECK_MS: u64 = 5;
 /// Bytes a connection's read buffer starts with.
 const READ_BUFFER_BYTES: usize = 256 * 1024;
 
@@ -243,6 +245,35 @@ enum Outgoing {
     },
 }
 
+impl Outgoing {
+    /// Bytes of memory the answer holds (file ranges hold none).
+    fn bytes(&self) -> u64 {
+        match self {
+            Self::Frame(frame) => frame.len() as u64,
+            Self::HeaderAndPayload(header, payload) => (header.len() + payload.len()) as u64,
+            Self::Flush => 0,
+            Self::Ranges { header, tail, .. } => (header.len() + tail.len()) as u64,
+        }
+    }
+}
+
+/// Queues an answer for the writer, counting its bytes against the broker's
+/// buffer budget until the writer takes it. Returns whether it was queued.
+fn queue_answer(
+    writer: &mpsc::UnboundedSender<Answer>,
+    budget: &super::BufferBudget,
+    item: Outgoing,
+    counted: bool,
+) -> bool {
+    let bytes = item.bytes();
+    budget.take(bytes);
+    let queued = writer.unbounded_send((item, counted)).is_ok();
+    if !queued {
+        budget.give_back(bytes);
+    }
+    queued
+}
+
 /// Bytes a connection's splice pipe holds (it is resized to this).
 const PIPE_BYTES: usize = 1024 * 1024;
 
@@ -314,13 +345,26 @@ async fn write_loop(
     outgoing: mpsc::UnboundedReceiver<Answer>,
     in_flight: Rc<InFlight>,
     tls: Option<TlsSession>,
+    shared: Arc<Shared>,
 ) {
+    // Answers leave the budget as the writer takes them from the queue.
+    let budget = &shared.buffers;
+    let outgoing = outgoing.map(|(item, counted)| {
+        budget.give_back(item.bytes());
+        (item, counted)
+    });
+    let mut outgoing: AnswerStream<'_> = Box::pin(outgoing);
     match tls {
-        Some(session) => write_answers_tls(stream, outgoing, &in_flight, &session).await,
-        None => write_answers(stream, outgoing, &in_flight).await,
+        Some(session) => write_answers_tls(stream, &mut outgoing, &in_flight, &session).await,
+        None => write_answers(stream, &mut outgoing, &in_flight).await,
     }
+    // Whatever is still queued is dropped: give its bytes back.
+    while let Some(Some(_)) = outgoing.next().now_or_never() {}
     in_flight.close();
 }
+
+/// The writer's view of its queue.
+type AnswerStream<'a> = std::pin::Pin<Box<dyn futures_util::Stream<Item = Answer> + 'a>>;
 
 fn read_ranges(ranges: &[SendRange]) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
@@ -336,7 +380,7 @@ fn read_ranges(ranges: &[SendRange]) -> std::io::Result<Vec<u8>> {
 
 async fn write_answers_tls(
     mut stream: TcpStream,
-    mut outgoing: mpsc::UnboundedReceiver<Answer>,
+    outgoing: &mut AnswerStream<'_>,
     in_flight: &InFlight,
     session: &TlsSession,
 ) {
@@ -370,7 +414,7 @@ async fn write_answers_tls(
 
 async fn write_answers(
     mut stream: TcpStream,
-    mut outgoing: mpsc::UnboundedReceiver<Answer>,
+    outgoing: &mut AnswerStream<'_>,
     in_flight: &InFlight,
 ) {
     let mut pending: Vec<u8> = Vec::new();
@@ -451,7 +495,7 @@ async fn write_answers(
                 in_flight.finish(std::mem::take(&mut answered));
             }
             // Take what else is queued before writing.
-            next = outgoing.try_recv().ok();
+            next = outgoing.next().now_or_never().flatten();
         }
         if !pending.is_empty()
             && stream
@@ -483,7 +527,7 @@ impl Connection {
 
     fn send_frame(&self, frame: Vec<u8>) {
         if let Some(writer) = &self.writer {
-            let _ = writer.unbounded_send((Outgoing::Frame(frame), false));
+            queue_answer(writer, &self.shared.buffers, Outgoing::Frame(frame), false);
         }
     }
 
@@ -510,20 +554,44 @@ impl Connection {
             frames,
             self.in_flight.clone(),
             tls.clone(),
+            self.shared.clone(),
         ));
         let mut reader = stream;
         let limits = &self.shared.config.limits;
         let frame_bytes_max = limits.frame_bytes_max;
         let in_flight_max = limits.requests_in_flight_max.max(1);
         let mut buffer: Vec<u8> = Vec::with_capacity(READ_BUFFER_BYTES);
+        // The read buffer's capacity counts against the broker's buffer budget.
+        let shared = self.shared.clone();
+        let budget = &shared.buffers;
+        let mut accounted = buffer.capacity() as u64;
+        budget.take(accounted);
+        let account = |buffer: &Vec<u8>, accounted: &mut u64| {
+            let now = buffer.capacity() as u64;
+            if now > *accounted {
+                budget.take(now - *accounted);
+            } else {
+                budget.give_back(*accounted - now);
+            }
+            *accounted = now;
+        };
         'connection: loop {
             let mut consumed = 0;
             loop {
                 match split_frame(&buffer[consumed..], frame_bytes_max) {
                     Ok(Some((body, used))) => {
                         consumed += used;
-                        // Frames already read wait too: the limit holds per request.
+                        // Frames already read wait too: the limits hold per request.
                         self.in_flight.below(in_flight_max).await;
+                        // Over the broker-wide budget a connection keeps at most
+                        // one request in flight, so stalled clients holding the
+                        // budget cannot starve everyone else.
+                        while budget.exceeded()
+                            && self.in_flight.count.get() > 0
+                            && !shared.is_shutting_down()
+                        {
+                            compio::time::sleep(Duration::from_millis(BUDGET_RECHECK_MS)).await;
+                        }
                         if !self.handle_frame(body).await {
                             break 'connection;
                         }
@@ -550,6 +618,13 @@ impl Connection {
                 _ => READ_BUFFER_BYTES,
             };
             buffer.reserve(wanted);
+            account(&buffer, &mut accounted);
+            // Over the broker-wide budget, read nothing new while answers of
+            // this connection are pending.
+            while budget.exceeded() && self.in_flight.count.get() > 0 && !shared.is_shutting_down()
+            {
+                compio::time::sleep(Duration::from_millis(BUDGET_RECHECK_MS)).await;
+            }
             let read = select(
                 Box::pin(crate::tls::read_plaintext(
                     &mut reader,
@@ -576,8 +651,11 @@ impl Connection {
             }
             if buffer.capacity() > 4 * READ_BUFFER_BYTES && buffer.len() < READ_BUFFER_BYTES {
                 buffer.shrink_to(READ_BUFFER_BYTES);
+                account(&buffer, &mut accounted);
             }
         }
+        budget.give_back(accounted);
+        drop(buffer);
         // Finish what is in flight, then let the writer drain and close.
         self.in_flight.below(1).await;
         self.writer = None;
@@ -671,6 +749,15 @@ impl Connection {
                 let writer = self.writer.clone();
                 let in_flight = self.in_flight.clone();
                 let owned = OwnedRequest::from(request);
+                // A fetch's answer is held against the budget from dispatch
+                // on, so many fetches in flight cannot overshoot it.
+                let reserved = match &owned {
+                    OwnedRequest::Fetch { max_bytes, .. } => {
+                        u64::from((*max_bytes).min(self.shared.config.limits.fetch_bytes_max))
+                    }
+                    _ => 0,
+                };
+                shared.buffers.take(reserved);
                 let view = self.view.clone();
                 // Splice needs the io_uring driver (the polling fallback would
                 // block on it), and TLS needs the bytes in rustls.
@@ -681,8 +768,9 @@ impl Connection {
                         Ok(frame) => frame(correlation_id),
                         Err(error) => Outgoing::Frame(error_frame(correlation_id, &error)),
                     };
-                    let queued =
-                        writer.is_some_and(|writer| writer.unbounded_send((frame, true)).is_ok());
+                    let queued = writer
+                        .is_some_and(|writer| queue_answer(&writer, &shared.buffers, frame, true));
+                    shared.buffers.give_back(reserved);
                     if !queued {
                         in_flight.finish(1);
                     }
@@ -779,9 +867,9 @@ impl Connection {
                 Err(error) => Some(error_frame(correlation_id, &error)),
             };
             let queued = match (frame, writer) {
-                (Some(frame), Some(writer)) => writer
-                    .unbounded_send((Outgoing::Frame(frame), true))
-                    .is_ok(),
+                (Some(frame), Some(writer)) => {
+                    queue_answer(&writer, &shared.buffers, Outgoing::Frame(frame), true)
+                }
                 _ => false,
             };
             if !queued {

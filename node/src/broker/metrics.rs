@@ -95,6 +95,8 @@ pub struct ProcessFacts<'a> {
     pub disk_used_bytes: u64,
     pub disk_quota_bytes: Option<u64>,
     pub disk_free_bytes: Option<u64>,
+    pub buffer_bytes: u64,
+    pub buffer_bytes_max: u64,
 }
 
 fn escape(label: &str) -> String {
@@ -151,6 +153,16 @@ impl Metrics {
             "# HELP rill_connections Open client connections.\n# TYPE rill_connections gauge"
         );
         let _ = writeln!(out, "rill_connections {}", facts.connections);
+        let _ = writeln!(
+            out,
+            "# HELP rill_buffer_bytes Bytes in connection buffers (read buffers, queued answers).\n# TYPE rill_buffer_bytes gauge"
+        );
+        let _ = writeln!(out, "rill_buffer_bytes {}", facts.buffer_bytes);
+        let _ = writeln!(
+            out,
+            "# TYPE rill_buffer_bytes_max gauge\nrill_buffer_bytes_max {}",
+            facts.buffer_bytes_max
+        );
         let _ = writeln!(out, "# TYPE rill_connections_rejected_total counter");
         let _ = writeln!(
             out,
@@ -294,6 +306,8 @@ mod tests {
             disk_used_bytes: 10,
             disk_quota_bytes: Some(1000),
             disk_free_bytes: None,
+            buffer_bytes: 0,
+            buffer_bytes_max: 1,
         };
         let page = metrics.render(&partitions, &facts);
         assert!(

@@ -39,6 +39,44 @@ pub fn now_ms() -> i64 {
         .map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
+/// Bytes held in connection buffers (read buffers and answers waiting to be
+/// written) across the whole broker, against `limits.buffer_memory_bytes_max`.
+/// Connections stop reading new requests while it is exceeded.
+#[derive(Debug, Default)]
+pub struct BufferBudget {
+    used: std::sync::atomic::AtomicU64,
+    limit: u64,
+}
+
+impl BufferBudget {
+    pub fn new(limit: u64) -> Self {
+        Self {
+            used: std::sync::atomic::AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    pub fn take(&self, bytes: u64) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn give_back(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(bytes))
+            });
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn exceeded(&self) -> bool {
+        self.used() > self.limit
+    }
+}
+
 /// State every shard and the admin thread share.
 #[derive(Debug)]
 pub struct Shared {
@@ -50,6 +88,7 @@ pub struct Shared {
     pub metrics: Metrics,
     /// TLS for the listeners, when `tls.cert_file` is set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub buffers: BufferBudget,
     inboxes: Vec<mpsc::UnboundedSender<ShardOp>>,
     connections: AtomicU32,
     stats: Vec<Mutex<Vec<PartitionStats>>>,
@@ -525,6 +564,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         metrics: Metrics::new(shards),
         tls,
+        buffers: BufferBudget::new(config.limits.buffer_memory_bytes_max),
         driver,
         topics: TopicDirectory::new(table),
         groups,
