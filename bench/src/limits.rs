@@ -4,6 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::rc::Rc;
@@ -155,4 +156,46 @@ pub fn loopback_tcp_bandwidth(total_bytes: u64) -> io::Result<f64> {
         .map_err(|_| io::Error::other("loopback reader panicked"))??;
     let elapsed = started.elapsed();
     Ok(received as f64 / elapsed.as_secs_f64())
+}
+
+/// Sequential buffered reads of 4 MiB, each advising the next two ahead (as
+/// the broker does), from a file written with O_DIRECT
+/// (so not in the page cache), the page cache dropped first when allowed:
+/// what a consumer of data on disk can get at most. Bytes per second, and
+/// whether the cache was really cold.
+pub fn cold_read_bandwidth(directory: &Path, total_bytes: u64) -> io::Result<(f64, bool)> {
+    let path = directory.join("limit-cold-read.bin");
+    {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)?;
+        let buffer = block();
+        let mut written = 0u64;
+        while written < total_bytes {
+            file.write_all_at(buffer.as_slice(), written)?;
+            written += BLOCK_BYTES as u64;
+        }
+        file.sync_data()?;
+    }
+    let cold = crate::machine::drop_page_cache();
+    let file = std::fs::File::open(&path)?;
+    let mut buffer = vec![0u8; 4 * BLOCK_BYTES];
+    let started = Instant::now();
+    let mut read = 0u64;
+    while read < total_bytes {
+        // Ask for the next two reads ahead, as the broker does for consumers.
+        rill_core::storage::portable::advise_will_need(
+            file.as_raw_fd(),
+            read + buffer.len() as u64,
+            2 * buffer.len() as u64,
+        );
+        file.read_exact_at(&mut buffer, read)?;
+        read += buffer.len() as u64;
+    }
+    let elapsed = started.elapsed();
+    std::fs::remove_file(&path)?;
+    Ok((read as f64 / elapsed.as_secs_f64(), cold))
 }

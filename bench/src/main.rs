@@ -406,7 +406,14 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
     };
     let mut rows = Vec::new();
     eprintln!("limits: loopback TCP and raw direct write");
-    let loopback = gib_per_second(limits::loopback_tcp_bandwidth(bytes.max(mib(1024)))?);
+    // The best of three: a limit is what the machine can do, and one
+    // stream on a shared machine is easily slowed by a neighbour.
+    let mut loopback = 0.0f64;
+    for _ in 0..3 {
+        loopback = loopback.max(gib_per_second(limits::loopback_tcp_bandwidth(
+            bytes.max(mib(1024)),
+        )?));
+    }
     let direct = {
         let run = storage::RunDirectory::new(data_dir, "limits")?;
         gib_per_second(limits::direct_write_bandwidth(
@@ -414,12 +421,30 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
             bytes.min(mib(1024)),
         )?)
     };
+    let (cold_read, cold) = {
+        let run = storage::RunDirectory::new(data_dir, "limits")?;
+        limits::cold_read_bandwidth(run.path(), bytes.min(mib(1024)))?
+    };
+    let cold_read = gib_per_second(cold_read);
     rows.push(Row::new(
         "limit: loopback TCP, one stream, 1 MiB writes",
         "raw",
         loopback,
         "GiB/s",
     ));
+    rows.push(
+        Row::new(
+            "limit: sequential 4 MiB reads with readahead, data not in the page cache",
+            "raw",
+            cold_read,
+            "GiB/s",
+        )
+        .note(if cold {
+            "page cache dropped"
+        } else {
+            "page cache could not be dropped: warm"
+        }),
+    );
     rows.push(Row::new(
         "limit: sequential O_DIRECT write, 1 MiB blocks, QD16",
         "raw",
@@ -467,9 +492,11 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
         .against("loopback", loopback)
         .target(">= 70%")
         .note(format!(
-            "broker CPU {:.2} s/GiB; O_DIRECT segments: read with one large read per fetch, then sent",
+            "{:.0}% of the cold-read limit; broker CPU {:.2} s/GiB; O_DIRECT segments: read with one large read per fetch, then sent",
+            100.0 * gib_per_second(figures.consume_bytes_per_second) / cold_read,
             figures.consume_cpu_seconds_per_gib
-        )),
+        ))
+        ,
     );
     rows.push(
         Row::new(
