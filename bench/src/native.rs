@@ -26,6 +26,8 @@ const PRODUCE_WINDOW_BATCHES: usize = 64;
 pub struct ThroughputFigures {
     pub produce_bytes_per_second: f64,
     pub consume_bytes_per_second: f64,
+    /// The same bytes in four partitions, one fetch in flight per partition.
+    pub consume_four_partitions_bytes_per_second: f64,
     pub produce_cpu_seconds_per_gib: f64,
     pub consume_cpu_seconds_per_gib: f64,
     pub peak_resident_kib: u64,
@@ -40,6 +42,33 @@ async fn connect(broker: &BrokerProcess) -> anyhow::Result<Client> {
     Client::connect(&broker.native, config)
         .await
         .with_context(|| format!("connecting to the broker at {}", broker.native))
+}
+
+/// Reads `partitions` partitions of `topic` to their end, one fetch in
+/// flight per partition. Returns the bytes read.
+async fn consume_all(client: &Client, topic: &str, partitions: u32) -> anyhow::Result<u64> {
+    let readers = (0..partitions).map(|partition| async move {
+        let mut offset = 0i64;
+        let mut bytes = 0u64;
+        loop {
+            let fetched = client
+                .fetch(topic, partition, offset, 4 * 1024 * 1024, 1, 0)
+                .await?;
+            if fetched.batches.is_empty() {
+                return anyhow::Ok(bytes);
+            }
+            bytes += fetched.batches.len() as u64;
+            offset = fetched.next_offset;
+            if offset >= fetched.high_watermark {
+                return anyhow::Ok(bytes);
+            }
+        }
+    });
+    let mut total = 0;
+    for bytes in futures_util::future::join_all(readers).await {
+        total += bytes?;
+    }
+    Ok(total)
 }
 
 /// Produces `total_bytes` of 64 KiB batches (1 KiB records) to one partition
@@ -89,23 +118,42 @@ pub fn throughput(
         let client = connect(&broker).await?;
         let cpu_before = broker.cpu_seconds()?;
         let started = Instant::now();
-        let mut offset = 0i64;
-        let mut bytes = 0u64;
-        loop {
-            let fetched = client
-                .fetch("bench", 0, offset, 4 * 1024 * 1024, 1, 0)
-                .await?;
-            if fetched.batches.is_empty() {
-                break;
-            }
-            bytes += fetched.batches.len() as u64;
-            offset = fetched.next_offset;
-            if offset >= fetched.high_watermark {
-                break;
-            }
-        }
+        let bytes = consume_all(&client, "bench", 1).await?;
         let elapsed = started.elapsed();
         anyhow::Ok((elapsed, broker.cpu_seconds()? - cpu_before, bytes))
+    })?;
+    // The same bytes over four partitions, consumed with four fetches in flight.
+    let consume_four_elapsed = runtime.block_on(async {
+        let client = connect(&broker).await?;
+        client.create_topic("bench4", 4, &[]).await?;
+        let mut window = VecDeque::new();
+        let mut sent = 0u64;
+        let mut partition = 0;
+        while sent < total_bytes {
+            window.push_back(client.start_produce(
+                "bench4",
+                Target::Partition(partition % 4),
+                Acks::Written,
+                &batch,
+            )?);
+            partition += 1;
+            sent += batch.len() as u64;
+            if window.len() >= PRODUCE_WINDOW_BATCHES
+                && let Some(oldest) = window.pop_front()
+            {
+                oldest.wait().await?;
+            }
+        }
+        for pending in window {
+            pending.wait().await?;
+        }
+        let started = Instant::now();
+        let bytes = consume_all(&client, "bench4", 4).await?;
+        anyhow::ensure!(
+            bytes == sent,
+            "consumed {bytes} bytes of {sent} from four partitions"
+        );
+        anyhow::Ok(started.elapsed())
     })?;
     anyhow::ensure!(
         consumed == appended,
@@ -117,6 +165,8 @@ pub fn throughput(
     Ok(ThroughputFigures {
         produce_bytes_per_second: appended as f64 / produce_elapsed.as_secs_f64(),
         consume_bytes_per_second: consumed as f64 / consume_elapsed.as_secs_f64(),
+        consume_four_partitions_bytes_per_second: appended as f64
+            / consume_four_elapsed.as_secs_f64(),
         produce_cpu_seconds_per_gib: produce_cpu / gib,
         consume_cpu_seconds_per_gib: consume_cpu / gib,
         peak_resident_kib,

@@ -717,6 +717,23 @@ impl<F: StorageFile> Segment<F> {
         Ok(None)
     }
 
+    /// The last indexed batch start after `position` and at or before
+    /// `end` (within the segment), with its offset: every byte from
+    /// `position` up to it is whole batches.
+    pub fn index_jump(&self, position: u64, end: u64) -> Option<(u64, i64)> {
+        let end = end.min(self.size_bytes);
+        let after_end = self
+            .offset_index
+            .partition_point(|entry| u64::from(entry.position) <= end);
+        let entry = self.offset_index[..after_end].last()?;
+        (u64::from(entry.position) > position).then(|| {
+            (
+                u64::from(entry.position),
+                self.base_offset + i64::from(entry.relative_offset),
+            )
+        })
+    }
+
     /// Position to start scanning for the first record at or after `timestamp`.
     pub fn time_scan_start(&self, timestamp: i64) -> u64 {
         index::time_floor(&self.time_index, timestamp)

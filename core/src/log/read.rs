@@ -83,12 +83,16 @@ impl<S: Storage> PartitionLog<S> {
             let Some((mut position, mut header)) = located else {
                 continue;
             };
+            // The first span is the batch holding the offset; later spans
+            // jump along the offset index (its entries are batch starts), so
+            // a fetch reads a header only where the index has a gap.
+            let mut span = batch_total(&header, segment, position)?;
+            let mut span_next_offset = header.last_offset() + 1;
             loop {
-                let total = batch_total(&header, segment, position)?;
-                if slice.bytes > 0 && slice.bytes + total > max_bytes {
+                if slice.bytes > 0 && slice.bytes + span > max_bytes {
                     break 'segments;
                 }
-                let (file_position, file_length) = segment.file_part(position, total);
+                let (file_position, file_length) = segment.file_part(position, span);
                 match slice.ranges.last_mut() {
                     _ if file_length == 0 => {}
                     Some(range)
@@ -106,18 +110,29 @@ impl<S: Storage> PartitionLog<S> {
                 }
                 slice
                     .memory_tail
-                    .extend_from_slice(segment.memory_bytes(position, total));
-                slice.bytes += total;
-                wanted = header.last_offset() + 1;
+                    .extend_from_slice(segment.memory_bytes(position, span));
+                slice.bytes += span;
+                wanted = span_next_offset;
                 slice.next_fetch_offset = wanted;
-                position += total;
+                position += span;
                 if position >= segment.size_bytes || slice.bytes >= max_bytes {
                     break;
                 }
-                header = segment
-                    .read_header(position)
-                    .await
-                    .map_err(Self::read_io_error(segment))?;
+                let budget_end = position.saturating_add(max_bytes - slice.bytes);
+                match segment.index_jump(position, budget_end) {
+                    Some((batch_start, offset)) => {
+                        span = batch_start - position;
+                        span_next_offset = offset;
+                    }
+                    None => {
+                        header = segment
+                            .read_header(position)
+                            .await
+                            .map_err(Self::read_io_error(segment))?;
+                        span = batch_total(&header, segment, position)?;
+                        span_next_offset = header.last_offset() + 1;
+                    }
+                }
             }
             if slice.bytes >= max_bytes {
                 break;

@@ -366,6 +366,37 @@ async fn write_loop(
 /// The writer's view of its queue.
 type AnswerStream<'a> = std::pin::Pin<Box<dyn futures_util::Stream<Item = Answer> + 'a>>;
 
+/// Reads file ranges into one buffer through the shard's I/O driver (one
+/// large read per range).
+async fn read_ranges_async(ranges: Vec<SendRange>) -> std::io::Result<Vec<u8>> {
+    use compio::buf::{IntoInner, IoBuf};
+    use compio::io::AsyncReadAt;
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let total: u64 = ranges.iter().map(|range| range.length).sum();
+    let mut bytes = Vec::with_capacity(total as usize);
+    for range in ranges {
+        // SAFETY: the descriptor is ours (a dup made by the owning shard).
+        let file = unsafe { compio::fs::File::from_raw_fd(range.fd.into_raw_fd()) };
+        let mut position = range.position;
+        let end = bytes.len() + range.length as usize;
+        while bytes.len() < end {
+            let start = bytes.len();
+            let compio::BufResult(result, returned) =
+                file.read_at(bytes.slice(start..end), position).await;
+            bytes = returned.into_inner();
+            let read = result?;
+            if read == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "segment shorter than its range",
+                ));
+            }
+            position += read as u64;
+        }
+    }
+    Ok(bytes)
+}
+
 fn read_ranges(ranges: &[SendRange]) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     let mut bytes = Vec::new();
@@ -1169,7 +1200,7 @@ async fn answer(
             // Segments written with direct I/O are not in the page cache: one
             // large read beats splicing from the disk in pipe-sized steps.
             // Buffered segments are, and splice sends them without a copy.
-            let zero_copy = zero_copy && !topic_meta(view, &topic)?.settings.direct_io;
+            let splice = zero_copy && !topic_meta(view, &topic)?.settings.direct_io;
             let max_bytes = u64::from(max_bytes.min(limits.fetch_bytes_max).max(1));
             let max_wait =
                 Duration::from_millis(u64::from(max_wait_ms).min(limits.fetch_wait_ms_max));
@@ -1180,9 +1211,24 @@ async fn answer(
                 max_bytes,
                 min_bytes: u64::from(min_bytes),
                 max_wait,
-                zero_copy,
+                // Always ask for descriptors: this request's task then reads
+                // or splices them, so the owning shard never waits on the disk
+                // for a fetch and several fetches read at once.
+                zero_copy: true,
             };
-            let data = fetch_with_wait(shared, request).await?;
+            let mut data = fetch_with_wait(shared, request).await?;
+            if !splice && !data.ranges.is_empty() {
+                let mut bytes = read_ranges_async(std::mem::take(&mut data.ranges))
+                    .await
+                    .map_err(|error| {
+                        OpError::new(
+                            ErrorCode::StorageError,
+                            format!("reading a segment: {error}"),
+                        )
+                    })?;
+                bytes.extend_from_slice(&data.bytes);
+                data.bytes = bytes;
+            }
             shared.metrics.fetch_latency.record(started.elapsed());
             Box::new(move |correlation_id| {
                 let response = Response::Fetched {
