@@ -97,6 +97,16 @@ impl BrokerProcess {
         Ok(ticks / ticks_per_second)
     }
 
+    /// Bytes the broker has caused to be sent to the block layer (/proc/PID/io).
+    pub fn write_bytes(&self) -> anyhow::Result<u64> {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.pid()))?;
+        Ok(io
+            .lines()
+            .find_map(|line| line.strip_prefix("write_bytes:"))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
     /// (current resident KiB, peak resident KiB) from /proc/PID/status.
     pub fn resident_kib(&self) -> anyhow::Result<(u64, u64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;

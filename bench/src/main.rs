@@ -9,6 +9,7 @@ mod broker;
 mod limits;
 mod machine;
 mod native;
+mod plot;
 mod report;
 mod storage;
 
@@ -30,6 +31,8 @@ enum Scenario {
     /// The storage engine: append per driver and fsync policy, write
     /// amplification, sealed-segment reads, recovery of an active segment.
     Storage,
+    /// Every scenario above, one after the other, in one table.
+    Suite,
     /// The broker over the native protocol: produce and consume throughput
     /// against loopback and disk limits, durable-produce latency at 50 MB/s,
     /// CPU per GiB, resident memory idle and under load.
@@ -53,6 +56,9 @@ struct Arguments {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also draw the results as an SVG picture in this file.
+    #[arg(long)]
+    svg: Option<PathBuf>,
     /// Give up (exit 2) if the whole run takes longer than this.
     #[arg(long, default_value_t = 900)]
     timeout_s: u64,
@@ -110,6 +116,11 @@ fn run(arguments: &Arguments) -> anyhow::Result<()> {
     let rows = match arguments.scenario {
         Scenario::Storage => storage_scenario(&data_dir, arguments.smoke)?,
         Scenario::Native => native_scenario(&data_dir, arguments.smoke)?,
+        Scenario::Suite => {
+            let mut rows = storage_scenario(&data_dir, arguments.smoke)?;
+            rows.extend(native_scenario(&data_dir, arguments.smoke)?);
+            rows
+        }
     };
     println!();
     print_table(&rows);
@@ -120,6 +131,18 @@ fn run(arguments: &Arguments) -> anyhow::Result<()> {
         machine,
         rows,
     };
+    if let Some(path) = &arguments.svg {
+        let title = format!(
+            "rill-bench {} on {} ({} cores, kernel {})",
+            results.scenario,
+            results.machine.cpu_model,
+            results.machine.cores,
+            results.machine.kernel
+        );
+        std::fs::write(path, plot::svg(&title, &results.rows))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("picture written to {}", path.display());
+    }
     if let Some(path) = &arguments.json {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -477,9 +500,10 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
         )
         .target(">= 50%")
         .note(format!(
-            "{} MiB, window 64 batches (4 MiB), 2 shards; broker CPU {:.2} s/GiB",
+            "{} MiB, window 64 batches (4 MiB), 2 shards; broker CPU {:.2} s/GiB; broker writes {:.3} bytes to the block layer per byte produced",
             figures.bytes / mib(1),
-            figures.produce_cpu_seconds_per_gib
+            figures.produce_cpu_seconds_per_gib,
+            figures.produce_write_amplification
         )),
     );
     rows.push(

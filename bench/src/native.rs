@@ -29,6 +29,8 @@ pub struct ThroughputFigures {
     /// The same bytes in four partitions, one fetch in flight per partition.
     pub consume_four_partitions_bytes_per_second: f64,
     pub produce_cpu_seconds_per_gib: f64,
+    /// Bytes the broker wrote to the block layer per batch byte produced.
+    pub produce_write_amplification: f64,
     pub consume_cpu_seconds_per_gib: f64,
     pub peak_resident_kib: u64,
     pub bytes: u64,
@@ -87,10 +89,11 @@ pub fn throughput(
     )?;
     let runtime = compio::runtime::Runtime::new()?;
     let batch = producer_batch();
-    let (produce_elapsed, produce_cpu, appended) = runtime.block_on(async {
+    let (produce_elapsed, produce_cpu, appended, device_written) = runtime.block_on(async {
         let client = connect(&broker).await?;
         client.create_topic("bench", 1, &[]).await?;
         let cpu_before = broker.cpu_seconds()?;
+        let written_before = broker.write_bytes()?;
         let started = Instant::now();
         let mut window = VecDeque::new();
         let mut sent = 0u64;
@@ -112,7 +115,8 @@ pub fn throughput(
             pending.wait().await?;
         }
         let elapsed = started.elapsed();
-        anyhow::Ok((elapsed, broker.cpu_seconds()? - cpu_before, sent))
+        let written = broker.write_bytes()? - written_before;
+        anyhow::Ok((elapsed, broker.cpu_seconds()? - cpu_before, sent, written))
     })?;
     let (consume_elapsed, consume_cpu, consumed) = runtime.block_on(async {
         let client = connect(&broker).await?;
@@ -168,6 +172,7 @@ pub fn throughput(
         consume_four_partitions_bytes_per_second: appended as f64
             / consume_four_elapsed.as_secs_f64(),
         produce_cpu_seconds_per_gib: produce_cpu / gib,
+        produce_write_amplification: device_written as f64 / appended as f64,
         consume_cpu_seconds_per_gib: consume_cpu / gib,
         peak_resident_kib,
         bytes: appended,

@@ -22,7 +22,7 @@ pub use read::{FileRange, ReadSlice};
 
 use crate::batch;
 use crate::checkpoint::{CHECKPOINT_FILE_NAME, Checkpoint};
-use crate::segment::{Segment, SegmentSettings};
+use crate::segment::{SealError, Segment, SegmentSettings};
 use crate::storage::{Storage, StorageFile, write_file_atomic};
 
 /// Whether the producer's acknowledgement waits for a sync.
@@ -199,11 +199,11 @@ impl<S: Storage> PartitionLog<S> {
             });
         }
         let header = batch::check_batch(batch_bytes)?;
-        if self.should_roll(bytes, i64::from(header.last_offset_delta), now_ms)
-            && let Err(source) = self.roll().await
-        {
-            // A roll that failed half way may leave no writable segment.
-            self.poisoned = Some(format!("segment roll failed: {source}"));
+        // A roll that failed after sealing left no writable segment: it is
+        // tried again here.
+        let needs_roll = !self.active().is_active()
+            || self.should_roll(bytes, i64::from(header.last_offset_delta), now_ms);
+        if needs_roll && let Err(source) = self.roll().await {
             return Err(self.append_io_error(source));
         }
         let base_offset = self.active().next_offset;
@@ -261,12 +261,26 @@ impl<S: Storage> PartitionLog<S> {
         let storage = self.storage.clone();
         let settings = self.segment_settings();
         let next_offset = self.next_offset();
-        self.active_mut().seal(&storage).await?;
-        self.durable = SyncTarget {
-            next_offset,
-            segment_base_offset: next_offset,
-            position: 0,
-        };
+        if self.active().is_active() {
+            match self.active_mut().seal(&storage).await {
+                Ok(()) => {}
+                // The segment is sealed and synced; only its indexes lag.
+                Err(SealError::Indexes(error)) => {
+                    tracing::warn!(%error, "segment sealed, index files behind (rebuilt when needed)");
+                }
+                Err(SealError::Sync(error)) => {
+                    // After a failed fsync only recovery knows what is on disk.
+                    self.poisoned = Some(format!("segment roll failed to sync: {error}"));
+                    return Err(error);
+                }
+                Err(error) => return Err(error.into_io()),
+            }
+            self.durable = SyncTarget {
+                next_offset,
+                segment_base_offset: next_offset,
+                position: 0,
+            };
+        }
         let segment = Segment::create(&storage, &self.directory, next_offset, settings).await?;
         self.segments.insert(next_offset, segment);
         storage.sync_dir(&self.directory)?;

@@ -252,6 +252,30 @@ impl<F: StorageFile> SegmentWriter<F> {
     }
 }
 
+/// Why sealing failed, and so what the log must do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    /// Writing the buffered tail failed; the segment is still active and
+    /// the seal can be tried again.
+    #[error("writing the segment's last bytes failed: {0}")]
+    Write(io::Error),
+    /// The fsync failed: what is on disk is unknown until recovery.
+    #[error("syncing the segment failed: {0}")]
+    Sync(io::Error),
+    /// The segment is sealed and durable; its index files are behind
+    /// (rebuilt from the log when needed).
+    #[error("writing the segment's indexes failed: {0}")]
+    Indexes(io::Error),
+}
+
+impl SealError {
+    pub fn into_io(self) -> io::Error {
+        match self {
+            Self::Write(error) | Self::Sync(error) | Self::Indexes(error) => error,
+        }
+    }
+}
+
 /// Settings a segment needs from its topic.
 #[derive(Debug, Clone, Copy)]
 pub struct SegmentSettings {
@@ -666,17 +690,27 @@ impl<F: StorageFile> Segment<F> {
 
     /// Seals the active segment: cut direct-I/O padding, sync log and indexes,
     /// drop the writer.
-    pub async fn seal<S: Storage<File = F>>(&mut self, storage: &S) -> io::Result<()> {
+    pub async fn seal<S: Storage<File = F>>(&mut self, storage: &S) -> Result<(), SealError> {
         if let Some(writer) = self.writer.as_mut() {
-            writer.write_out(true).await?;
-            writer.file.truncate(self.size_bytes).await?;
-            writer.file.sync_data().await?;
+            // Until the sync, a failure leaves the writer as it was: retryable.
+            writer.write_out(true).await.map_err(SealError::Write)?;
+            writer
+                .file
+                .truncate(self.size_bytes)
+                .await
+                .map_err(SealError::Write)?;
+            writer.file.sync_data().await.map_err(SealError::Sync)?;
         }
         self.writer = None;
         self.push_time_entry(self.last_batch_relative_offset);
-        self.flush_indexes(storage).await?;
+        self.flush_indexes(storage)
+            .await
+            .map_err(SealError::Indexes)?;
         for path in [self.offset_index_path(), self.time_index_path()] {
-            storage.open(&path, OpenMode::WRITE)?.sync_data().await?;
+            let file = storage
+                .open(&path, OpenMode::WRITE)
+                .map_err(SealError::Indexes)?;
+            file.sync_data().await.map_err(SealError::Indexes)?;
         }
         Ok(())
     }

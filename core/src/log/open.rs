@@ -153,13 +153,19 @@ impl<S: Storage> PartitionLog<S> {
                 }
                 if next_base.is_some() && !cut {
                     // A sealed segment rescanned whole: persist rebuilt indexes.
-                    segment.seal(&storage).await.map_err(io_error(&log_path))?;
+                    segment
+                        .seal(&storage)
+                        .await
+                        .map_err(|error| io_error(&log_path)(error.into_io()))?;
                 } else if next_base.is_some() {
                     segment
                         .cut_sealed(&storage)
                         .await
                         .map_err(io_error(&log_path))?;
-                    segment.seal(&storage).await.map_err(io_error(&log_path))?;
+                    segment
+                        .seal(&storage)
+                        .await
+                        .map_err(|error| io_error(&log_path)(error.into_io()))?;
                 }
             }
             segments.insert(base, segment);

@@ -99,6 +99,7 @@ async fn stop_on_shutdown(shared: Arc<Shared>, stop: oneshot::Sender<()>) {
             open = shared.connections_open(),
             "connections did not finish in time; closing anyway"
         );
+        shared.force_stop();
     }
 }
 
@@ -120,7 +121,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stopped: Shutdo
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
+                // Out of descriptors and the like: do not spin on it.
                 tracing::warn!(%error, "accept failed");
+                compio::time::sleep(Duration::from_millis(TICK_MS)).await;
                 continue;
             }
         };
@@ -1147,7 +1150,11 @@ async fn fetch_with_wait(shared: &Shared, request: FetchRequest) -> Result<Fetch
             })
             .await??;
         let remaining = deadline.saturating_duration_since(Instant::now());
-        if data.total_bytes() >= min_bytes.max(1)
+        // The read stopped at the budget, not the end of the log: more
+        // waiting cannot add to this answer.
+        let budget_limited = data.total_bytes() > 0 && data.next_offset < data.high_watermark;
+        if budget_limited
+            || data.total_bytes() >= min_bytes.clamp(1, max_bytes)
             || remaining.is_zero()
             || shared.is_shutting_down()
         {

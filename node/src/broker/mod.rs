@@ -93,6 +93,8 @@ pub struct Shared {
     connections: AtomicU32,
     stats: Vec<Mutex<Vec<PartitionStats>>>,
     shutting_down: AtomicBool,
+    /// Set when connections did not finish within the shutdown grace period.
+    forced: AtomicBool,
     shards_ready: AtomicU32,
     started: Instant,
     changes: futures_util::lock::Mutex<()>,
@@ -123,6 +125,16 @@ impl Shared {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Whether shards stop without waiting for connections any longer.
+    pub fn is_forced(&self) -> bool {
+        self.forced.load(Ordering::Acquire)
+    }
+
+    /// Gives up on connections that did not finish within the grace period.
+    pub fn force_stop(&self) {
+        self.forced.store(true, Ordering::Release);
     }
 
     pub fn is_ready(&self) -> bool {
@@ -573,6 +585,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         connections: AtomicU32::new(0),
         stats: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
         shutting_down: AtomicBool::new(false),
+        forced: AtomicBool::new(false),
         shards_ready: AtomicU32::new(0),
         started: Instant::now(),
         changes: futures_util::lock::Mutex::new(()),
@@ -587,7 +600,16 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         threads.push(
             std::thread::Builder::new()
                 .name(format!("rill-shard-{index}"))
-                .spawn(move || connection::shard_main(index, shared, inbox, listener))
+                .spawn(move || {
+                    let result = connection::shard_main(index, shared.clone(), inbox, listener);
+                    if let Err(error) = &result {
+                        // The other shards must not run on half-alive.
+                        tracing::error!(shard = index, error = %format!("{error:#}"), "shard failed; stopping the broker");
+                        shared.begin_shutdown();
+                        shared.force_stop();
+                    }
+                    result
+                })
                 .context("starting a shard thread")?,
         );
     }

@@ -222,8 +222,18 @@ impl Storage {
                 self.handle(op).await;
             }
             self.start_syncs(false).await;
-            if self.shutting_down && self.shared.connections_open() == 0 {
+            if self.shutting_down
+                && (self.shared.connections_open() == 0 || self.shared.is_forced())
+            {
                 break;
+            }
+        }
+        // Syncs still running finish before the logs close, so a clean stop
+        // never skips an fdatasync or checkpoints an old recovery point.
+        while self.partitions.values().any(|state| state.syncing) {
+            match inbox.next().await {
+                Some(op) => self.handle(op).await,
+                None => break,
             }
         }
         // Ops that raced the last check are still answered.
@@ -357,12 +367,18 @@ impl Storage {
         let mut bytes = Vec::new();
         for range in &slice.ranges {
             // Zero copy needs a real descriptor; the in-memory driver has none.
-            let duplicate = range.file.raw_fd().filter(|_| zero_copy).and_then(|fd| {
-                // SAFETY: the descriptor is open while the segment's handle lives (here).
-                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
-                    .try_clone_to_owned()
-                    .ok()
-            });
+            // Once a range is copied, later ones are too: copied bytes are
+            // sent after all file ranges, so order must not change.
+            let duplicate = range
+                .file
+                .raw_fd()
+                .filter(|_| zero_copy && bytes.is_empty())
+                .and_then(|fd| {
+                    // SAFETY: the descriptor is open while the segment's handle lives (here).
+                    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+                        .try_clone_to_owned()
+                        .ok()
+                });
             if let Some(fd) = duplicate {
                 ranges.push(SendRange {
                     fd,
@@ -473,6 +489,12 @@ impl Storage {
             let Some(log) = self.logs.log_mut(&key.0, key.1) else {
                 continue;
             };
+            if let Some(reason) = log.poisoned() {
+                // No sync will ever come: answer the waiting producers now.
+                let reason = format!("the partition refuses writes until restarted: {reason}");
+                self.resolve_durable(&key, i64::MAX, Some(reason));
+                continue;
+            }
             match log.begin_sync().await {
                 Ok(Some(job)) => {
                     if let Some(state) = self.partitions.get_mut(&key) {
