@@ -123,6 +123,9 @@ pub enum ShardOp {
     },
     SyncDone {
         key: PartitionKey,
+        /// Which opening of the partition the sync was for: a topic deleted
+        /// and created again while a sync ran must not take its result.
+        generation: u64,
         result: io::Result<()>,
         target: SyncTarget,
     },
@@ -139,6 +142,7 @@ struct DurableWaiter {
 
 #[derive(Default)]
 struct PartitionState {
+    generation: u64,
     durable_waiters: VecDeque<DurableWaiter>,
     data_waiters: Vec<(i64, oneshot::Sender<()>)>,
     syncing: bool,
@@ -158,6 +162,7 @@ pub struct Storage {
     last_retention: Instant,
     last_checkpoint: Instant,
     shutting_down: bool,
+    next_generation: u64,
 }
 
 fn unknown_partition(key: &PartitionKey) -> OpError {
@@ -191,6 +196,7 @@ impl Storage {
             last_retention: Instant::now(),
             last_checkpoint: Instant::now(),
             shutting_down: false,
+            next_generation: 0,
         }
     }
 
@@ -209,7 +215,9 @@ impl Storage {
             tracing::warn!(topic = %key.0, partition = key.1, cut = ?report.truncations,
                 "partition recovered with damage cut");
         }
-        self.partitions.entry(key.clone()).or_default();
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        self.partitions.entry(key.clone()).or_default().generation = generation;
         Ok(())
     }
 
@@ -294,9 +302,18 @@ impl Storage {
             }
             ShardOp::SyncDone {
                 key,
+                generation,
                 result,
                 target,
-            } => self.sync_done(&key, result, target),
+            } => {
+                if self
+                    .partitions
+                    .get(&key)
+                    .is_some_and(|state| state.generation == generation)
+                {
+                    self.sync_done(&key, result, target);
+                }
+            }
             ShardOp::Tick => self.tick().await,
             ShardOp::Shutdown => {
                 self.shutting_down = true;
@@ -497,14 +514,17 @@ impl Storage {
             }
             match log.begin_sync().await {
                 Ok(Some(job)) => {
+                    let mut generation = 0;
                     if let Some(state) = self.partitions.get_mut(&key) {
                         state.syncing = true;
+                        generation = state.generation;
                     }
                     let inbox = self.inbox_sender.clone();
                     compio::runtime::spawn(async move {
                         let (result, target) = job.run().await;
                         let _ = inbox.unbounded_send(ShardOp::SyncDone {
                             key,
+                            generation,
                             result,
                             target,
                         });
