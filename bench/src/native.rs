@@ -46,6 +46,36 @@ async fn connect(broker: &BrokerProcess) -> anyhow::Result<Client> {
         .with_context(|| format!("connecting to the broker at {}", broker.native))
 }
 
+/// Produces `total_bytes` of `batch` round robin over `partitions` with
+/// acks=written, keeping [`PRODUCE_WINDOW_BATCHES`] unacknowledged. Returns
+/// the bytes sent.
+async fn produce_windowed(
+    client: &Client,
+    topic: &str,
+    partitions: u32,
+    batch: &[u8],
+    total_bytes: u64,
+) -> anyhow::Result<u64> {
+    let mut window = VecDeque::new();
+    let mut sent = 0u64;
+    let mut next_partition = 0u32;
+    while sent < total_bytes {
+        let target = Target::Partition(next_partition % partitions);
+        window.push_back(client.start_produce(topic, target, Acks::Written, batch)?);
+        next_partition = next_partition.wrapping_add(1);
+        sent += batch.len() as u64;
+        if window.len() >= PRODUCE_WINDOW_BATCHES
+            && let Some(oldest) = window.pop_front()
+        {
+            oldest.wait().await?;
+        }
+    }
+    for pending in window {
+        pending.wait().await?;
+    }
+    Ok(sent)
+}
+
 /// Reads `partitions` partitions of `topic` to their end, one fetch in
 /// flight per partition. Returns the bytes read.
 async fn consume_all(client: &Client, topic: &str, partitions: u32) -> anyhow::Result<u64> {
@@ -95,25 +125,7 @@ pub fn throughput(
         let cpu_before = broker.cpu_seconds()?;
         let written_before = broker.write_bytes()?;
         let started = Instant::now();
-        let mut window = VecDeque::new();
-        let mut sent = 0u64;
-        while sent < total_bytes {
-            window.push_back(client.start_produce(
-                "bench",
-                Target::Partition(0),
-                Acks::Written,
-                &batch,
-            )?);
-            sent += batch.len() as u64;
-            if window.len() >= PRODUCE_WINDOW_BATCHES
-                && let Some(oldest) = window.pop_front()
-            {
-                oldest.wait().await?;
-            }
-        }
-        for pending in window {
-            pending.wait().await?;
-        }
+        let sent = produce_windowed(&client, "bench", 1, &batch, total_bytes).await?;
         let elapsed = started.elapsed();
         let written = broker.write_bytes()? - written_before;
         anyhow::Ok((elapsed, broker.cpu_seconds()? - cpu_before, sent, written))
@@ -130,27 +142,7 @@ pub fn throughput(
     let consume_four_elapsed = runtime.block_on(async {
         let client = connect(&broker).await?;
         client.create_topic("bench4", 4, &[]).await?;
-        let mut window = VecDeque::new();
-        let mut sent = 0u64;
-        let mut partition = 0;
-        while sent < total_bytes {
-            window.push_back(client.start_produce(
-                "bench4",
-                Target::Partition(partition % 4),
-                Acks::Written,
-                &batch,
-            )?);
-            partition += 1;
-            sent += batch.len() as u64;
-            if window.len() >= PRODUCE_WINDOW_BATCHES
-                && let Some(oldest) = window.pop_front()
-            {
-                oldest.wait().await?;
-            }
-        }
-        for pending in window {
-            pending.wait().await?;
-        }
+        let sent = produce_windowed(&client, "bench4", 4, &batch, total_bytes).await?;
         let started = Instant::now();
         let bytes = consume_all(&client, "bench4", 4).await?;
         anyhow::ensure!(
@@ -279,25 +271,7 @@ pub fn memory(data_dir: &Path, profile: &str, load_bytes: u64) -> anyhow::Result
     runtime.block_on(async {
         let client = connect(&broker).await?;
         client.create_topic("memory", 1, &[]).await?;
-        let mut sent = 0;
-        let mut window = VecDeque::new();
-        while sent < load_bytes {
-            window.push_back(client.start_produce(
-                "memory",
-                Target::Partition(0),
-                Acks::Written,
-                &batch,
-            )?);
-            sent += batch.len() as u64;
-            if window.len() >= PRODUCE_WINDOW_BATCHES
-                && let Some(oldest) = window.pop_front()
-            {
-                oldest.wait().await?;
-            }
-        }
-        for pending in window {
-            pending.wait().await?;
-        }
+        produce_windowed(&client, "memory", 1, &batch, load_bytes).await?;
         let mut offset = 0;
         loop {
             let fetched = client.fetch("memory", 0, offset, 1024 * 1024, 1, 0).await?;

@@ -525,18 +525,7 @@ fn a_client_that_never_reads_cannot_grow_the_brokers_memory() {
     let _stalled = stalled_fetcher(&broker, "big", 400);
     // Wait until the broker has read all it is going to read (its in-flight
     // limit holds the rest in the socket), then measure.
-    let mut previous = 0;
-    rill_tests::wait_until(
-        "the broker's memory to settle",
-        Duration::from_secs(20),
-        || {
-            let now = broker.resident_kib();
-            let settled = now == previous;
-            previous = now;
-            settled
-        },
-    );
-    let grown_kib = broker.resident_kib().saturating_sub(before);
+    let grown_kib = settled_growth_kib(&broker, before);
     assert!(
         grown_kib < 64 * 1024,
         "a stalled client grew the broker by {grown_kib} KiB; answers must stay bounded by requests_in_flight_max"
@@ -655,6 +644,23 @@ fn buffered_segments_are_sent_with_splice_byte_for_byte() {
     });
 }
 
+/// How much the broker's resident memory grew since `before`, once it stops
+/// changing (the broker has read all it is going to read).
+fn settled_growth_kib(broker: &Broker, before: u64) -> u64 {
+    let mut previous = 0;
+    rill_tests::wait_until(
+        "the broker's memory to settle",
+        Duration::from_secs(20),
+        || {
+            let now = broker.resident_kib();
+            let settled = now == previous;
+            previous = now;
+            settled
+        },
+    );
+    broker.resident_kib().saturating_sub(before)
+}
+
 /// Opens a raw connection that asks for `count` fetches of `topic` and never
 /// reads an answer.
 fn stalled_fetcher(broker: &Broker, topic: &str, count: u32) -> TcpStream {
@@ -745,18 +751,7 @@ fn the_buffer_budget_bounds_memory_across_connections() {
     let before = broker.resident_kib();
     let _first = stalled_fetcher(&broker, "budget", 300);
     let _second = stalled_fetcher(&broker, "budget", 300);
-    let mut previous = 0;
-    rill_tests::wait_until(
-        "the broker's memory to settle",
-        Duration::from_secs(20),
-        || {
-            let now = broker.resident_kib();
-            let settled = now == previous;
-            previous = now;
-            settled
-        },
-    );
-    let grown_kib = broker.resident_kib().saturating_sub(before);
+    let grown_kib = settled_growth_kib(&broker, before);
     assert!(
         grown_kib < 96 * 1024,
         "600 unread 1 MiB answers grew the broker by {grown_kib} KiB"
