@@ -9,6 +9,7 @@ mod broker;
 mod limits;
 mod machine;
 mod native;
+mod peers;
 mod plot;
 mod report;
 mod storage;
@@ -506,6 +507,40 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
             figures.produce_write_amplification
         )),
     );
+    // The same load shape on a peer: 1 KiB messages, persisted and acknowledged.
+    let peer_bytes = bytes.min(mib(1024));
+    let peer = storage::RunDirectory::new(data_dir, "nats").and_then(|run| {
+        eprintln!(
+            "peer: NATS JetStream, file storage, {} MiB of 1 KiB messages",
+            peer_bytes / mib(1)
+        );
+        let server = peers::NatsServer::start(run.path())?;
+        let speed = peers::jetstream_publish(&server, peer_bytes, 1024)?;
+        drop(server);
+        drop(run);
+        Ok(speed)
+    });
+    match peer {
+        Ok(speed) => {
+            let nats = gib_per_second(speed);
+            rows.push(
+                Row::new("peer: NATS JetStream (file storage), publish 1 KiB messages, each acknowledged", "nats-server", nats, "GiB/s")
+                    .against(if loopback < direct { "loopback" } else { "direct write" }, smaller)
+                    .note(format!("{} MiB, 4096 unacknowledged at most; nats-server from Debian", peer_bytes / mib(1))),
+            );
+            rows.push(
+                Row::new("native produce compared with NATS JetStream", "broker", gib_per_second(figures.produce_bytes_per_second) / nats, "x")
+                    .note("Rill's acks=written produce throughput divided by JetStream's acknowledged publish throughput, same run"),
+            );
+        }
+        Err(error) => {
+            eprintln!("peer NATS JetStream unavailable: {error:#}");
+            rows.push(
+                Row::new("peer: NATS JetStream (file storage), publish 1 KiB messages, each acknowledged", "nats-server", 0.0, "GiB/s")
+                    .note(format!("UNAVAILABLE: {error:#}")),
+            );
+        }
+    }
     rows.push(
         Row::new(
             "native consume of data on disk, 4 MiB fetches",
