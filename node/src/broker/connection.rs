@@ -463,16 +463,9 @@ async fn write_answers(
                     pending.extend_from_slice(&frame);
                 }
                 Outgoing::Frame(frame) => {
-                    if !pending.is_empty()
-                        && stream
-                            .write_all(std::mem::take(&mut pending))
-                            .await
-                            .0
-                            .is_err()
-                    {
+                    if !flush_pending(&mut stream, &mut pending, &mut answered, in_flight).await {
                         return;
                     }
-                    in_flight.finish(std::mem::take(&mut answered));
                     if stream.write_all(frame).await.0.is_err() {
                         return;
                     }
@@ -531,18 +524,26 @@ async fn write_answers(
             // Take what else is queued before writing.
             next = outgoing.next().now_or_never().flatten();
         }
-        if !pending.is_empty()
-            && stream
-                .write_all(std::mem::take(&mut pending))
-                .await
-                .0
-                .is_err()
-        {
+        if !flush_pending(&mut stream, &mut pending, &mut answered, in_flight).await {
             return;
         }
-        in_flight.finish(std::mem::take(&mut answered));
     }
     let _ = stream.shutdown().await;
+}
+
+/// Writes the coalesced answers, then finishes the requests they answer.
+/// Returns `false` when the socket failed.
+async fn flush_pending(
+    stream: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    answered: &mut u32,
+    in_flight: &InFlight,
+) -> bool {
+    if !pending.is_empty() && stream.write_all(std::mem::take(pending)).await.0.is_err() {
+        return false;
+    }
+    in_flight.finish(std::mem::take(answered));
+    true
 }
 
 impl Connection {
