@@ -507,6 +507,23 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
             figures.produce_write_amplification
         )),
     );
+    // Record size: batches of about 64 KiB made of small and large records.
+    for value_bytes in [100usize, 16 * 1024] {
+        let run = storage::RunDirectory::new(data_dir, "sizes")?;
+        eprintln!("native produce with {value_bytes}-byte records");
+        let speed = native::produce_record_size(run.path(), bytes.min(mib(1024)), value_bytes)?;
+        drop(run);
+        rows.push(
+            Row::new(
+                &format!("native produce, {value_bytes} B records in ~64 KiB batches, 1 partition, acks=written"),
+                "broker",
+                gib_per_second(speed),
+                "GiB/s",
+            )
+            .against(if loopback < direct { "loopback" } else { "direct write" }, smaller)
+            .note(format!("{} MiB", bytes.min(mib(1024)) / mib(1))),
+        );
+    }
     // The same load shape on a peer: 1 KiB messages, persisted and acknowledged.
     let peer_bytes = bytes.min(mib(1024));
     let peer = storage::RunDirectory::new(data_dir, "nats").and_then(|run| {

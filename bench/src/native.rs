@@ -286,3 +286,25 @@ pub fn memory(data_dir: &Path, profile: &str, load_bytes: u64) -> anyhow::Result
     broker.stop()?;
     Ok((idle_kib, peak_kib))
 }
+
+/// Produce throughput (acks=written, one partition) for batches of about
+/// 64 KiB made of `value_bytes` records: how record size moves the figure.
+pub fn produce_record_size(
+    data_dir: &Path,
+    total_bytes: u64,
+    value_bytes: usize,
+) -> anyhow::Result<f64> {
+    let broker = BrokerProcess::start(data_dir, &["node.shards=2".into()])?;
+    let runtime = compio::runtime::Runtime::new()?;
+    let records = (64 * 1024 / (value_bytes + 24)).max(1);
+    let batch = crate::storage::producer_batch_of(value_bytes, records);
+    let speed = runtime.block_on(async {
+        let client = connect(&broker).await?;
+        client.create_topic("sizes", 1, &[]).await?;
+        let started = Instant::now();
+        let sent = produce_windowed(&client, "sizes", 1, &batch, total_bytes).await?;
+        anyhow::Ok(sent as f64 / started.elapsed().as_secs_f64())
+    })?;
+    broker.stop()?;
+    Ok(speed)
+}

@@ -23,9 +23,14 @@ pub const PRODUCER_WINDOW_BATCHES: usize = 16;
 
 /// A batch of 1 KiB records, as a producer would send it.
 pub fn producer_batch() -> Vec<u8> {
+    producer_batch_of(RECORD_VALUE_BYTES, RECORDS_PER_BATCH)
+}
+
+/// A batch of `records` records of `value_bytes` each, keyed like sensors.
+pub fn producer_batch_of(value_bytes: usize, records: usize) -> Vec<u8> {
     let mut builder = RecordBuilder::new();
-    for index in 0..RECORDS_PER_BATCH {
-        let value: Vec<u8> = (0..RECORD_VALUE_BYTES)
+    for index in 0..records {
+        let value: Vec<u8> = (0..value_bytes)
             .map(|byte| (byte * 31 + index) as u8)
             .collect();
         let key = format!("sensor-{index}");
