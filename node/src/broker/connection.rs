@@ -23,8 +23,8 @@ use rill_protocol::frame::encode_frame_vec;
 use rill_protocol::message::{GroupInfo, PartitionInfo, StatusInfo, TopicInfo};
 use rill_protocol::partitioner::partition_for_key;
 use rill_protocol::{
-    Acks, ErrorCode, FrameError, OffsetSpec, PROTOCOL_VERSION, Request, RequestFrame, Response,
-    ResponseFrame, Target, split_frame,
+    Acks, ErrorCode, FrameError, PROTOCOL_VERSION, Request, RequestFrame, Response, ResponseFrame,
+    Target, split_frame,
 };
 
 use super::errors::OpError;
@@ -400,18 +400,6 @@ async fn read_ranges_async(ranges: Vec<SendRange>) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn read_ranges(ranges: &[SendRange]) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let mut bytes = Vec::new();
-    for range in ranges {
-        let file = std::fs::File::from(range.fd.try_clone()?);
-        let start = bytes.len();
-        bytes.resize(start + range.length as usize, 0);
-        file.read_exact_at(&mut bytes[start..], range.position)?;
-    }
-    Ok(bytes)
-}
-
 async fn write_answers_tls(
     mut stream: TcpStream,
     outgoing: &mut AnswerStream<'_>,
@@ -423,12 +411,12 @@ async fn write_answers_tls(
             Outgoing::Frame(frame) => encrypt(session, &[frame]),
             Outgoing::HeaderAndPayload(header, payload) => encrypt(session, &[header, payload]),
             Outgoing::Flush => encrypt(session, &[]),
-            // TLS connections ask for copied bytes; read ranges if one comes anyway.
-            Outgoing::Ranges {
-                header,
-                ranges,
-                tail,
-            } => read_ranges(ranges).and_then(|bytes| encrypt(session, &[header, &bytes, tail])),
+            // Fetches on TLS connections never splice (answer() reads their
+            // ranges): file ranges here are a programming error.
+            Outgoing::Ranges { .. } => {
+                debug_assert!(false, "file ranges queued on a TLS connection");
+                Err(std::io::Error::other("file ranges cannot be sent over TLS"))
+            }
         };
         let Ok(ciphertext) = ciphertext else {
             return;
@@ -783,23 +771,31 @@ impl Connection {
                 let shared = self.shared.clone();
                 let writer = self.writer.clone();
                 let in_flight = self.in_flight.clone();
-                let owned = OwnedRequest::from(request);
                 // A fetch's answer is held against the budget from dispatch
                 // on, so many fetches in flight cannot overshoot it.
-                let reserved = match &owned {
-                    OwnedRequest::Fetch { max_bytes, .. } => {
-                        u64::from((*max_bytes).min(self.shared.config.limits.fetch_bytes_max))
+                let reserved = match request {
+                    Request::Fetch { max_bytes, .. } => {
+                        u64::from(max_bytes.min(self.shared.config.limits.fetch_bytes_max))
                     }
                     _ => 0,
                 };
                 shared.buffers.take(reserved);
+                // The task owns a copy of the frame (requests other than
+                // produce are small) and decodes its request from it.
+                let body = body.to_vec();
                 let view = self.view.clone();
                 // Splice needs the io_uring driver (the polling fallback would
                 // block on it), and TLS needs the bytes in rustls.
                 let zero_copy = self.shared.tls.is_none()
                     && self.shared.driver.driver == crate::io::IoDriver::IoUring;
                 compio::runtime::spawn(async move {
-                    let frame = match answer(&shared, &view, owned, zero_copy).await {
+                    let answered = match RequestFrame::decode(&body) {
+                        Ok(frame) => answer(&shared, &view, frame.request, zero_copy).await,
+                        Err(error) => {
+                            Err(OpError::new(ErrorCode::InvalidRequest, error.to_string()))
+                        }
+                    };
+                    let frame = match answered {
                         Ok(frame) => frame(correlation_id),
                         Err(error) => Outgoing::Frame(error_frame(correlation_id, &error)),
                     };
@@ -920,135 +916,6 @@ type PendingAppend = (
     oneshot::Receiver<Result<rill_core::log::AppendInfo, OpError>>,
 );
 
-/// A request with owned fields, for answering in a task of its own.
-enum OwnedRequest {
-    Ping,
-    Fetch {
-        topic: String,
-        partition: u32,
-        offset: i64,
-        max_bytes: u32,
-        min_bytes: u32,
-        max_wait_ms: u32,
-    },
-    ListOffsets {
-        topic: String,
-        partition: u32,
-        at: OffsetSpec,
-    },
-    Metadata {
-        topic: Option<String>,
-    },
-    CreateTopic {
-        name: String,
-        partitions: u32,
-        settings: String,
-    },
-    DescribeTopic {
-        name: String,
-    },
-    AlterTopic {
-        name: String,
-        partitions: Option<u32>,
-        settings: String,
-    },
-    DeleteTopic {
-        name: String,
-    },
-    CommitOffset {
-        group: String,
-        topic: String,
-        partition: u32,
-        offset: i64,
-    },
-    FetchOffset {
-        group: String,
-        topic: String,
-        partition: u32,
-    },
-    ListGroups,
-    Status,
-    Unexpected,
-}
-
-impl From<Request<'_>> for OwnedRequest {
-    fn from(request: Request<'_>) -> Self {
-        match request {
-            Request::Ping => Self::Ping,
-            Request::Fetch {
-                topic,
-                partition,
-                offset,
-                max_bytes,
-                min_bytes,
-                max_wait_ms,
-            } => Self::Fetch {
-                topic: topic.into(),
-                partition,
-                offset,
-                max_bytes,
-                min_bytes,
-                max_wait_ms,
-            },
-            Request::ListOffsets {
-                topic,
-                partition,
-                at,
-            } => Self::ListOffsets {
-                topic: topic.into(),
-                partition,
-                at,
-            },
-            Request::Metadata { topic } => Self::Metadata {
-                topic: topic.map(Into::into),
-            },
-            Request::CreateTopic {
-                name,
-                partitions,
-                settings,
-            } => Self::CreateTopic {
-                name: name.into(),
-                partitions,
-                settings: settings.into(),
-            },
-            Request::DescribeTopic { name } => Self::DescribeTopic { name: name.into() },
-            Request::AlterTopic {
-                name,
-                partitions,
-                settings,
-            } => Self::AlterTopic {
-                name: name.into(),
-                partitions,
-                settings: settings.into(),
-            },
-            Request::DeleteTopic { name } => Self::DeleteTopic { name: name.into() },
-            Request::CommitOffset {
-                group,
-                topic,
-                partition,
-                offset,
-            } => Self::CommitOffset {
-                group: group.into(),
-                topic: topic.into(),
-                partition,
-                offset,
-            },
-            Request::FetchOffset {
-                group,
-                topic,
-                partition,
-            } => Self::FetchOffset {
-                group: group.into(),
-                topic: topic.into(),
-                partition,
-            },
-            Request::ListGroups => Self::ListGroups,
-            Request::Status => Self::Status,
-            Request::Handshake { .. } | Request::Produce { .. } => Self::Unexpected,
-        }
-    }
-}
-
 type FrameBuilder = Box<dyn FnOnce(u32) -> Outgoing>;
 
 fn reply(response: Response<'static>) -> FrameBuilder {
@@ -1126,7 +993,6 @@ struct FetchRequest {
     max_bytes: u64,
     min_bytes: u64,
     max_wait: Duration,
-    zero_copy: bool,
 }
 
 async fn fetch_with_wait(shared: &Shared, request: FetchRequest) -> Result<FetchData, OpError> {
@@ -1137,19 +1003,18 @@ async fn fetch_with_wait(shared: &Shared, request: FetchRequest) -> Result<Fetch
         max_bytes,
         min_bytes,
         max_wait,
-        zero_copy,
     } = request;
+    let fetch_once = || {
+        shared.call(owner, |reply| ShardOp::Fetch {
+            key: key.clone(),
+            offset,
+            max_bytes,
+            reply,
+        })
+    };
     let deadline = Instant::now() + max_wait;
     loop {
-        let data = shared
-            .call(owner, |reply| ShardOp::Fetch {
-                key: key.clone(),
-                offset,
-                max_bytes,
-                zero_copy,
-                reply,
-            })
-            .await??;
+        let data = fetch_once().await??;
         let remaining = deadline.saturating_duration_since(Instant::now());
         // The read stopped at the budget, not the end of the log: more
         // waiting cannot add to this answer.
@@ -1173,15 +1038,7 @@ async fn fetch_with_wait(shared: &Shared, request: FetchRequest) -> Result<Fetch
         // Either new data arrived or the wait is over: fetch once more.
         let _ = compio::time::timeout(remaining, woken).await;
         if Instant::now() >= deadline {
-            return shared
-                .call(owner, |reply| ShardOp::Fetch {
-                    key: key.clone(),
-                    offset,
-                    max_bytes,
-                    zero_copy,
-                    reply,
-                })
-                .await?;
+            return fetch_once().await?;
         }
     }
 }
@@ -1189,13 +1046,13 @@ async fn fetch_with_wait(shared: &Shared, request: FetchRequest) -> Result<Fetch
 async fn answer(
     shared: &Shared,
     view: &TopicView,
-    request: OwnedRequest,
+    request: Request<'_>,
     zero_copy: bool,
 ) -> Result<FrameBuilder, OpError> {
     let limits = &shared.config.limits;
     Ok(match request {
-        OwnedRequest::Ping => reply(Response::Pong),
-        OwnedRequest::Fetch {
+        Request::Ping => reply(Response::Pong),
+        Request::Fetch {
             topic,
             partition,
             offset,
@@ -1204,25 +1061,21 @@ async fn answer(
             max_wait_ms,
         } => {
             let started = Instant::now();
-            let owner = owner_of(shared, view, &topic, partition)?;
+            let owner = owner_of(shared, view, topic, partition)?;
             // Segments written with direct I/O are not in the page cache: one
             // large read beats splicing from the disk in pipe-sized steps.
             // Buffered segments are, and splice sends them without a copy.
-            let splice = zero_copy && !topic_meta(view, &topic)?.settings.direct_io;
+            let splice = zero_copy && !topic_meta(view, topic)?.settings.direct_io;
             let max_bytes = u64::from(max_bytes.min(limits.fetch_bytes_max).max(1));
             let max_wait =
                 Duration::from_millis(u64::from(max_wait_ms).min(limits.fetch_wait_ms_max));
             let request = FetchRequest {
                 owner,
-                key: (topic, partition),
+                key: (topic.to_string(), partition),
                 offset,
                 max_bytes,
                 min_bytes: u64::from(min_bytes),
                 max_wait,
-                // Always ask for descriptors: this request's task then reads
-                // or splices them, so the owning shard never waits on the disk
-                // for a fetch and several fetches read at once.
-                zero_copy: true,
             };
             let mut data = fetch_with_wait(shared, request).await?;
             if !splice && !data.ranges.is_empty() {
@@ -1266,67 +1119,67 @@ async fn answer(
                 }
             })
         }
-        OwnedRequest::ListOffsets {
+        Request::ListOffsets {
             topic,
             partition,
             at,
         } => {
-            let owner = owner_of(shared, view, &topic, partition)?;
-            let key = (topic, partition);
+            let owner = owner_of(shared, view, topic, partition)?;
+            let key = (topic.to_string(), partition);
             let offset = shared
                 .call(owner, |reply| ShardOp::ListOffsets { key, at, reply })
                 .await??;
             reply(Response::Offset { offset })
         }
-        OwnedRequest::Metadata { topic } => {
-            let topics = topic_infos(shared, view, topic.as_deref()).await?;
+        Request::Metadata { topic } => {
+            let topics = topic_infos(shared, view, topic).await?;
             reply_owned(move || Response::Metadata { topics })
         }
-        OwnedRequest::DescribeTopic { name } => {
-            let topics = topic_infos(shared, view, Some(&name)).await?;
+        Request::DescribeTopic { name } => {
+            let topics = topic_infos(shared, view, Some(name)).await?;
             reply_owned(move || Response::Metadata { topics })
         }
-        OwnedRequest::CreateTopic {
+        Request::CreateTopic {
             name,
             partitions,
             settings,
         } => {
-            create_topic(shared, &name, partitions, &parse_settings(&settings)?).await?;
+            create_topic(shared, name, partitions, &parse_settings(settings)?).await?;
             reply(Response::Done)
         }
-        OwnedRequest::AlterTopic {
+        Request::AlterTopic {
             name,
             partitions,
             settings,
         } => {
-            alter_topic(shared, &name, partitions, &parse_settings(&settings)?).await?;
+            alter_topic(shared, name, partitions, &parse_settings(settings)?).await?;
             reply(Response::Done)
         }
-        OwnedRequest::DeleteTopic { name } => {
-            delete_topic(shared, &name).await?;
+        Request::DeleteTopic { name } => {
+            delete_topic(shared, name).await?;
             reply(Response::Done)
         }
-        OwnedRequest::CommitOffset {
+        Request::CommitOffset {
             group,
             topic,
             partition,
             offset,
         } => {
-            owner_of(shared, view, &topic, partition)?;
+            owner_of(shared, view, topic, partition)?;
             shared
                 .groups
-                .commit(&group, &topic, partition, offset)
+                .commit(group, topic, partition, offset)
                 .map_err(|message| OpError::new(ErrorCode::InvalidRequest, message))?;
             reply(Response::Done)
         }
-        OwnedRequest::FetchOffset {
+        Request::FetchOffset {
             group,
             topic,
             partition,
         } => reply(Response::CommittedOffset {
-            offset: shared.groups.fetch(&group, &topic, partition),
+            offset: shared.groups.fetch(group, topic, partition),
         }),
-        OwnedRequest::ListGroups => {
+        Request::ListGroups => {
             let groups = shared
                 .groups
                 .list()
@@ -1335,7 +1188,7 @@ async fn answer(
                 .collect();
             reply_owned(move || Response::Groups { groups })
         }
-        OwnedRequest::Status => {
+        Request::Status => {
             let stats = shared.published_stats();
             let status = StatusInfo {
                 version: env!("CARGO_PKG_VERSION").into(),
@@ -1352,7 +1205,7 @@ async fn answer(
             };
             reply_owned(move || Response::Status(status))
         }
-        OwnedRequest::Unexpected => {
+        Request::Handshake { .. } | Request::Produce { .. } => {
             return Err(OpError::new(
                 ErrorCode::InvalidRequest,
                 "unexpected request",

@@ -88,8 +88,6 @@ pub enum ShardOp {
         key: PartitionKey,
         offset: i64,
         max_bytes: u64,
-        /// Return file ranges to send with splice instead of copied bytes.
-        zero_copy: bool,
         reply: oneshot::Sender<Result<FetchData, OpError>>,
     },
     /// Answers once the partition holds data at `offset` (or on shutdown).
@@ -263,10 +261,9 @@ impl Storage {
                 key,
                 offset,
                 max_bytes,
-                zero_copy,
                 reply,
             } => {
-                let _ = reply.send(self.fetch(&key, offset, max_bytes, zero_copy).await);
+                let _ = reply.send(self.fetch(&key, offset, max_bytes).await);
             }
             ShardOp::WaitForData { key, offset, reply } => self.wait_for_data(key, offset, reply),
             ShardOp::ListOffsets { key, at, reply } => {
@@ -368,7 +365,6 @@ impl Storage {
         key: &PartitionKey,
         offset: i64,
         max_bytes: u64,
-        zero_copy: bool,
     ) -> Result<FetchData, OpError> {
         let log = self
             .logs
@@ -383,13 +379,15 @@ impl Storage {
         let mut ranges = Vec::new();
         let mut bytes = Vec::new();
         for range in &slice.ranges {
-            // Zero copy needs a real descriptor; the in-memory driver has none.
-            // Once a range is copied, later ones are too: copied bytes are
-            // sent after all file ranges, so order must not change.
+            // Ranges go out as descriptors, so the requesting connection's
+            // task reads or splices them and this shard never waits on the
+            // disk for a fetch. The in-memory driver has no descriptors. Once
+            // a range is copied, later ones are too: copied bytes are sent
+            // after all file ranges, so order must not change.
             let duplicate = range
                 .file
                 .raw_fd()
-                .filter(|_| zero_copy && bytes.is_empty())
+                .filter(|_| bytes.is_empty())
                 .and_then(|fd| {
                     // SAFETY: the descriptor is open while the segment's handle lives (here).
                     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use compio::buf::{IntoInner, IoBuf};
 use compio::io::{AsyncReadAt, AsyncWriteAtExt};
-use rill_core::storage::portable::{allocate_std, open_std, sync_dir_std};
+use rill_core::storage::portable::{PortableStorage, allocate_std, open_std};
 use rill_core::storage::{AlignedBuf, OpenMode, Storage, StorageFile};
 
 /// Files on the local filesystem through compio's proactor.
@@ -44,34 +44,34 @@ impl Storage for UringStorage {
         Ok(UringFile { file, direct })
     }
 
+    // Directory operations are the same synchronous calls as the portable
+    // driver's: the ring brings nothing to them.
     fn remove_file(&self, path: &Path) -> io::Result<()> {
-        std::fs::remove_file(path)
+        PortableStorage.remove_file(path)
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        std::fs::rename(from, to)
+        PortableStorage.rename(from, to)
     }
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(path)
+        PortableStorage.create_dir_all(path)
     }
 
     fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
-        std::fs::remove_dir_all(path)
+        PortableStorage.remove_dir_all(path)
     }
 
     fn list_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
-        std::fs::read_dir(path)?
-            .map(|entry| entry.map(|entry| PathBuf::from(entry.file_name())))
-            .collect()
+        PortableStorage.list_dir(path)
     }
 
     fn is_dir(&self, path: &Path) -> bool {
-        path.is_dir()
+        PortableStorage.is_dir(path)
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
-        sync_dir_std(path)
+        PortableStorage.sync_dir(path)
     }
 }
 
