@@ -52,6 +52,7 @@ pub fn shard_main(
     shared: Arc<Shared>,
     inbox: mpsc::UnboundedReceiver<ShardOp>,
     listener: std::net::TcpListener,
+    kafka: std::net::TcpListener,
 ) -> anyhow::Result<()> {
     if shared.config.node.pin_threads {
         super::pin_to_core(index);
@@ -77,7 +78,23 @@ pub fn shard_main(
         let (stop, stopped) = oneshot::channel::<()>();
         let stopped: ShutdownSignal = stopped.shared();
         let listener = TcpListener::from_std(listener)?;
-        compio::runtime::spawn(accept_loop(listener, shared.clone(), stopped.clone())).detach();
+        compio::runtime::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            stopped.clone(),
+            |shared, _, peer| Connection::new(shared, peer),
+            Some(native_refusal()),
+        ))
+        .detach();
+        let kafka = TcpListener::from_std(kafka)?;
+        compio::runtime::spawn(accept_loop(
+            kafka,
+            shared.clone(),
+            stopped.clone(),
+            crate::kafka::connection::KafkaConnection::new,
+            None,
+        ))
+        .detach();
         compio::runtime::spawn(tick_loop(inbox_sender)).detach();
         compio::runtime::spawn(stop_on_shutdown(shared.clone(), stop)).detach();
         shard_ready(&shared);
@@ -112,7 +129,19 @@ async fn tick_loop(inbox: mpsc::UnboundedSender<ShardOp>) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stopped: ShutdownSignal) {
+/// Accepts connections until shutdown and serves each with the handler
+/// `make` builds. Past `connections_max` a connection gets `refusal` (if
+/// the protocol has a way to say it) and is closed.
+pub(crate) async fn accept_loop<H, F>(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stopped: ShutdownSignal,
+    make: F,
+    refusal: Option<Vec<u8>>,
+) where
+    H: FrameHandler + 'static,
+    F: Fn(Arc<Shared>, &TcpStream, SocketAddr) -> H,
+{
     loop {
         let accepted = match select(Box::pin(listener.accept()), stopped.clone()).await {
             Either::Left((accepted, _)) => accepted,
@@ -133,24 +162,30 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stopped: Shutdo
                 .connections_rejected
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(%peer, limit = shared.config.limits.connections_max, "connection refused: connections_max reached");
-            let frame = response_frame(
-                0,
-                Response::Error {
-                    code: ErrorCode::TooManyRequests,
-                    message: "connections_max reached; try again later",
-                },
-                &[],
-            );
-            compio::runtime::spawn(async move {
-                let mut stream = stream;
-                let _ = stream.write_all(frame).await;
-            })
-            .detach();
+            if let Some(frame) = refusal.clone() {
+                compio::runtime::spawn(async move {
+                    let mut stream = stream;
+                    let _ = stream.write_all(frame).await;
+                })
+                .detach();
+            }
             continue;
         }
-        let connection = Connection::new(shared.clone(), peer);
-        compio::runtime::spawn(serve_connection(connection, stream, stopped.clone())).detach();
+        let handler = make(shared.clone(), &stream, peer);
+        compio::runtime::spawn(serve_connection(handler, stream, stopped.clone())).detach();
     }
+}
+
+/// What a native client past `connections_max` is told.
+fn native_refusal() -> Vec<u8> {
+    response_frame(
+        0,
+        Response::Error {
+            code: ErrorCode::TooManyRequests,
+            message: "connections_max reached; try again later",
+        },
+        &[],
+    )
 }
 
 fn response_frame(correlation_id: u32, response: Response<'_>, trailing: &[u8]) -> Vec<u8> {

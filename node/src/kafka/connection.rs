@@ -1,0 +1,279 @@
+//! A Kafka client's connection: frames are read and decoded in arrival
+//! order, produces are queued at their partitions' shards before the next
+//! frame is read (so pipelined batches keep their order), and every request
+//! then runs in a task of its own. The protocol promises answers in request
+//! order, so finished answers wait in a small reorder buffer until those of
+//! earlier requests have gone out; how many can wait is bounded by
+//! `limits.requests_in_flight_max`, like everything else a connection holds.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use compio::net::TcpStream;
+use futures_channel::mpsc;
+use kafka_protocol::messages::{ApiKey, RequestKind};
+use rill_protocol::FrameError;
+
+use super::{api, codec, errors};
+use crate::broker::Shared;
+use crate::broker::connection::{Answer, FrameHandler, InFlight, Outgoing, queue_answer};
+use crate::broker::topics::TopicView;
+
+/// What a request's handler needs to know about the connection and broker.
+#[derive(Clone)]
+pub struct Context {
+    pub shared: Arc<Shared>,
+    pub view: TopicView,
+    /// Host and port clients are told to connect to.
+    pub advertised: (String, i32),
+    pub client_id: Rc<str>,
+    pub peer: SocketAddr,
+}
+
+/// Answers in request order: each request holds a sequence number, and an
+/// answer is written once every earlier one has been.
+#[derive(Default)]
+struct Ordered {
+    next: Cell<u64>,
+    ready: RefCell<BTreeMap<u64, Option<Vec<u8>>>>,
+}
+
+/// The right to answer one request. Dropping it unanswered answers nothing
+/// (as for acks=0), so a failed handler cannot hold up later answers.
+pub struct Responder {
+    sequence: u64,
+    ordered: Rc<Ordered>,
+    writer: Option<mpsc::UnboundedSender<Answer>>,
+    in_flight: Rc<InFlight>,
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl Responder {
+    /// Sends `frame` (or nothing, for requests without an answer) once the
+    /// requests before this one are answered.
+    pub fn send(mut self, frame: Option<Vec<u8>>) {
+        self.deliver(frame);
+    }
+
+    fn deliver(&mut self, frame: Option<Vec<u8>>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.ordered.ready.borrow_mut().insert(self.sequence, frame);
+        loop {
+            let next = self.ordered.next.get();
+            let Some(frame) = self.ordered.ready.borrow_mut().remove(&next) else {
+                break;
+            };
+            self.ordered.next.set(next + 1);
+            let queued = match (frame, &self.writer) {
+                (Some(frame), Some(writer)) => {
+                    queue_answer(writer, &self.shared.buffers, Outgoing::Frame(frame), true)
+                }
+                _ => false,
+            };
+            if !queued {
+                self.in_flight.finish(1);
+            }
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.deliver(None);
+    }
+}
+
+pub struct KafkaConnection {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    advertised: (String, i32),
+    writer: Option<mpsc::UnboundedSender<Answer>>,
+    in_flight: Rc<InFlight>,
+    ordered: Rc<Ordered>,
+    next_sequence: u64,
+    view: TopicView,
+    client_id: Rc<str>,
+    /// Round-robin partition for produce requests without one (none in Kafka).
+    pub next_partition: Cell<u32>,
+}
+
+impl Drop for KafkaConnection {
+    fn drop(&mut self) {
+        self.shared.remove_connection();
+    }
+}
+
+impl KafkaConnection {
+    pub fn new(shared: Arc<Shared>, stream: &TcpStream, peer: SocketAddr) -> Self {
+        let view = shared.topics.snapshot();
+        // Unless configured, clients are sent back to the address they used.
+        let local = stream
+            .local_addr()
+            .unwrap_or(shared.config.listeners.kafka);
+        let settings = &shared.config.kafka;
+        let host = if settings.advertised_host.is_empty() {
+            local.ip().to_string()
+        } else {
+            settings.advertised_host.clone()
+        };
+        let port = match settings.advertised_port {
+            0 => local.port(),
+            port => port,
+        };
+        Self {
+            shared,
+            peer,
+            advertised: (host, i32::from(port)),
+            writer: None,
+            in_flight: Rc::new(InFlight::default()),
+            ordered: Rc::new(Ordered::default()),
+            next_sequence: 0,
+            view,
+            client_id: Rc::from(""),
+            next_partition: Cell::new(0),
+        }
+    }
+
+    /// Counts a new request in flight and reserves its place in the answer order.
+    fn responder(&mut self) -> Responder {
+        self.in_flight.count.set(self.in_flight.count.get() + 1);
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        Responder {
+            sequence,
+            ordered: self.ordered.clone(),
+            writer: self.writer.clone(),
+            in_flight: self.in_flight.clone(),
+            shared: self.shared.clone(),
+            done: false,
+        }
+    }
+
+    fn context(&self) -> Context {
+        Context {
+            shared: self.shared.clone(),
+            view: self.view.clone(),
+            advertised: self.advertised.clone(),
+            client_id: self.client_id.clone(),
+            peer: self.peer,
+        }
+    }
+
+    fn close_after(&self, what: &str, detail: &dyn std::fmt::Display) -> bool {
+        self.shared
+            .metrics
+            .frames_rejected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(peer = %self.peer, client_id = %self.client_id, %detail, "{what}; closing the Kafka connection");
+        false
+    }
+}
+
+impl FrameHandler for KafkaConnection {
+    fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn in_flight(&self) -> &Rc<InFlight> {
+        &self.in_flight
+    }
+
+    fn writer(&self) -> Option<&mpsc::UnboundedSender<Answer>> {
+        self.writer.as_ref()
+    }
+
+    fn set_writer(&mut self, writer: Option<mpsc::UnboundedSender<Answer>>) {
+        self.writer = writer;
+    }
+
+    fn split(buffer: &[u8], frame_bytes_max: u32) -> Result<Option<(&[u8], usize)>, FrameError> {
+        codec::split_frame(buffer, frame_bytes_max)
+    }
+
+    fn declared_length(buffer: &[u8]) -> Option<usize> {
+        codec::declared_length(buffer)
+    }
+
+    /// Kafka has no answer for a frame that cannot be read: the connection
+    /// just closes, as Kafka's own brokers do.
+    fn reject(&self, error: &FrameError) {
+        self.close_after("unreadable frame", error);
+    }
+
+    async fn handle_frame(&mut self, body: &[u8]) -> bool {
+        let Some(peek) = codec::peek(body) else {
+            return self.close_after("request shorter than its header", &body.len());
+        };
+        let Ok(api_key) = ApiKey::try_from(peek.api_key) else {
+            return self.close_after("unknown API key", &peek.api_key);
+        };
+        let version = peek.api_version;
+        if !api::serves(api_key, version) {
+            if api_key == ApiKey::ApiVersions {
+                // The client's version is newer than ours: a v0 answer with
+                // UNSUPPORTED_VERSION and our ranges, so it can retry.
+                let response = api::api_versions(errors::UNSUPPORTED_VERSION);
+                let frame = codec::encode_response(peek.correlation_id, 0, &response).ok();
+                self.responder().send(frame);
+                return true;
+            }
+            let detail = format!("{api_key:?} v{version}");
+            return self.close_after("API version not served", &detail);
+        }
+        let mut bytes = Bytes::copy_from_slice(body);
+        let header = match codec::decode_header(api_key, version, &mut bytes) {
+            Ok(header) => header,
+            Err(error) => return self.close_after("malformed request header", &error),
+        };
+        if self.client_id.is_empty()
+            && let Some(client_id) = &header.client_id
+        {
+            self.client_id = Rc::from(client_id.as_str());
+        }
+        let request = match RequestKind::decode(api_key, &mut bytes, version) {
+            Ok(request) => request,
+            Err(error) => {
+                let detail = format!("{api_key:?} v{version}: {error}");
+                return self.close_after("malformed request", &detail);
+            }
+        };
+        self.shared.topics.refresh(&mut self.view);
+        let correlation_id = header.correlation_id;
+        let responder = self.responder();
+        let context = self.context();
+        match request {
+            RequestKind::Produce(request) => {
+                let pending = super::produce::dispatch(&context, request, &self.next_partition).await;
+                compio::runtime::spawn(super::produce::finish(
+                    context,
+                    correlation_id,
+                    version,
+                    pending,
+                    responder,
+                ))
+                .detach();
+            }
+            request => {
+                compio::runtime::spawn(async move {
+                    let frame =
+                        super::admin::answer(&context, correlation_id, version, request).await;
+                    responder.send(frame);
+                })
+                .detach();
+            }
+        }
+        true
+    }
+}
