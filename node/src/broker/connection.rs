@@ -96,6 +96,9 @@ pub fn shard_main(
         ))
         .detach();
         compio::runtime::spawn(tick_loop(inbox_sender)).detach();
+        if index == 0 {
+            compio::runtime::spawn(group_tick_loop(shared.clone())).detach();
+        }
         compio::runtime::spawn(stop_on_shutdown(shared.clone(), stop)).detach();
         shard_ready(&shared);
         storage.run(inbox).await;
@@ -117,6 +120,19 @@ async fn stop_on_shutdown(shared: Arc<Shared>, stop: oneshot::Sender<()>) {
             "connections did not finish in time; closing anyway"
         );
         shared.force_stop();
+    }
+}
+
+/// Expires consumer-group members and ends rebalances on time (shard 0).
+async fn group_tick_loop(shared: Arc<Shared>) {
+    while !shared.is_shutting_down() {
+        compio::time::sleep(Duration::from_millis(TICK_MS)).await;
+        shared
+            .kafka
+            .coordinator
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .tick(Instant::now());
     }
 }
 
