@@ -12,10 +12,9 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use compio::net::TcpStream;
 use futures_channel::mpsc;
-use kafka_protocol::messages::{ApiKey, RequestKind};
+use kafka_protocol::messages::RequestKind;
 use rill_protocol::FrameError;
 
 use super::{api, codec, errors};
@@ -213,42 +212,28 @@ impl FrameHandler for KafkaConnection {
     }
 
     async fn handle_frame(&mut self, body: &[u8]) -> bool {
-        let Some(peek) = codec::peek(body) else {
-            return self.close_after("request shorter than its header", &body.len());
-        };
-        let Ok(api_key) = ApiKey::try_from(peek.api_key) else {
-            return self.close_after("unknown API key", &peek.api_key);
-        };
-        let version = peek.api_version;
-        if !api::serves(api_key, version) {
-            if api_key == ApiKey::ApiVersions {
+        let (version, header, request) = match codec::decode_request_frame(body) {
+            codec::Decoded::Request {
+                version,
+                header,
+                request,
+                ..
+            } => (version, header, request),
+            codec::Decoded::ApiVersionsTooNew { correlation_id } => {
                 // The client's version is newer than ours: a v0 answer with
                 // UNSUPPORTED_VERSION and our ranges, so it can retry.
                 let response = api::api_versions(errors::UNSUPPORTED_VERSION);
-                let frame = codec::encode_response(peek.correlation_id, 0, &response).ok();
+                let frame = codec::encode_response(correlation_id, 0, &response).ok();
                 self.responder().send(frame);
                 return true;
             }
-            let detail = format!("{api_key:?} v{version}");
-            return self.close_after("API version not served", &detail);
-        }
-        let mut bytes = Bytes::copy_from_slice(body);
-        let header = match codec::decode_header(api_key, version, &mut bytes) {
-            Ok(header) => header,
-            Err(error) => return self.close_after("malformed request header", &error),
+            codec::Decoded::Refused(reason) => return self.close_after("request refused", &reason),
         };
         if self.client_id.is_empty()
             && let Some(client_id) = &header.client_id
         {
             self.client_id = Rc::from(client_id.as_str());
         }
-        let request = match RequestKind::decode(api_key, &mut bytes, version) {
-            Ok(request) => request,
-            Err(error) => {
-                let detail = format!("{api_key:?} v{version}: {error}");
-                return self.close_after("malformed request", &detail);
-            }
-        };
         self.shared.topics.refresh(&mut self.view);
         let correlation_id = header.correlation_id;
         let responder = self.responder();
