@@ -30,6 +30,8 @@ fn free_port() -> anyhow::Result<u16> {
 pub struct BrokerProcess {
     child: Child,
     pub native: String,
+    /// The Kafka listener (free port), for Kafka-protocol scenarios.
+    #[allow(dead_code)]
     pub kafka: String,
     pub admin: String,
 }

@@ -103,6 +103,7 @@ pub fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String
 pub struct Broker {
     child: Option<Child>,
     pub native: SocketAddr,
+    pub kafka: SocketAddr,
     pub admin: SocketAddr,
     pub data_dir: PathBuf,
     settings: Vec<String>,
@@ -117,6 +118,7 @@ impl Broker {
         let mut broker = Self {
             child: None,
             native: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            kafka: SocketAddr::from(([127, 0, 0, 1], free_port())),
             admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
             data_dir,
             settings: settings.iter().map(|setting| setting.to_string()).collect(),
@@ -158,6 +160,8 @@ impl Broker {
             .arg(format!("data_dir={}", self.data_dir.display()))
             .arg("--set")
             .arg(format!("listeners.native={}", self.native))
+            .arg("--set")
+            .arg(format!("listeners.kafka={}", self.kafka))
             .arg("--set")
             .arg(format!("listeners.admin={}", self.admin));
         for setting in &self.settings {

@@ -585,7 +585,6 @@ async fn flush_pending(
     true
 }
 
-
 /// What a wire protocol plugs into [`serve_connection`].
 pub(crate) trait FrameHandler {
     fn shared(&self) -> &Arc<Shared>;
@@ -594,8 +593,7 @@ pub(crate) trait FrameHandler {
     fn writer(&self) -> Option<&mpsc::UnboundedSender<Answer>>;
     fn set_writer(&mut self, writer: Option<mpsc::UnboundedSender<Answer>>);
     /// Splits the first whole frame off `buffer`: its body and the bytes it used.
-    fn split(buffer: &[u8], frame_bytes_max: u32)
-    -> Result<Option<(&[u8], usize)>, FrameError>;
+    fn split(buffer: &[u8], frame_bytes_max: u32) -> Result<Option<(&[u8], usize)>, FrameError>;
     /// The whole length of the frame `buffer` starts with, once its prefix is in.
     fn declared_length(buffer: &[u8]) -> Option<usize>;
     /// Answers a frame that cannot be read; the connection closes after it.
@@ -608,9 +606,9 @@ pub(crate) trait FrameHandler {
 /// the protocol's handler in arrival order, and bounds what is buffered by
 /// the requests in flight and the broker-wide buffer budget.
 pub(crate) async fn serve_connection<H: FrameHandler>(
-mut handler: H,
-stream: TcpStream,
-stopped: ShutdownSignal,
+    mut handler: H,
+    stream: TcpStream,
+    stopped: ShutdownSignal,
 ) {
     let _ = stream.set_nodelay(true);
     let tls = match &handler.shared().tls {
@@ -736,10 +734,9 @@ stopped: ShutdownSignal,
     // Finish what is in flight, then let the writer drain and close.
     handler.in_flight().below(1).await;
     handler.set_writer(None);
-drop(writer_for_flush);
+    drop(writer_for_flush);
     let _ = writer_task.await;
 }
-
 
 impl FrameHandler for Connection {
     fn shared(&self) -> &Arc<Shared> {
@@ -1102,7 +1099,10 @@ pub(crate) struct FetchRequest {
     pub max_wait: Duration,
 }
 
-pub(crate) async fn fetch_with_wait(shared: &Shared, request: FetchRequest) -> Result<FetchData, OpError> {
+pub(crate) async fn fetch_with_wait(
+    shared: &Shared,
+    request: FetchRequest,
+) -> Result<FetchData, OpError> {
     let FetchRequest {
         owner,
         key,

@@ -266,9 +266,7 @@ impl Storage {
                     (0, ProducerStates::default())
                 }
             },
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                (0, ProducerStates::default())
-            }
+            Err(error) if error.kind() == io::ErrorKind::NotFound => (0, ProducerStates::default()),
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error,
                     "producer snapshot unreadable; rebuilding producer state from the log");
@@ -582,10 +580,16 @@ impl Storage {
             .logs
             .log_mut(&key.0, key.1)
             .ok_or_else(|| unknown_partition(key))?;
-        let before = if before < 0 { log.next_offset() } else { before };
+        let before = if before < 0 {
+            log.next_offset()
+        } else {
+            before
+        };
         log.delete_records_before(before).await.map_err(|error| {
             let code = match error {
-                rill_core::log::MaintenanceError::OffsetPastEnd { .. } => ErrorCode::OffsetOutOfRange,
+                rill_core::log::MaintenanceError::OffsetPastEnd { .. } => {
+                    ErrorCode::OffsetOutOfRange
+                }
                 _ => ErrorCode::StorageError,
             };
             OpError::new(code, error.to_string())

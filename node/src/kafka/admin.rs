@@ -197,8 +197,8 @@ async fn list_offsets(
                 -2 => OffsetSpec::Earliest,
                 timestamp => OffsetSpec::Timestamp(timestamp),
             };
-            let response =
-                ListOffsetsPartitionResponse::default().with_partition_index(partition.partition_index);
+            let response = ListOffsetsPartitionResponse::default()
+                .with_partition_index(partition.partition_index);
             partitions.push(
                 match offset_at(context, &name, partition.partition_index, at).await {
                     Ok(Some(offset)) => response
@@ -325,7 +325,10 @@ fn kafka_configs(settings: &TopicSettings) -> Vec<(&'static str, String)> {
             }
             .to_string(),
         ),
-        ("index.interval.bytes", settings.index_interval_bytes.to_string()),
+        (
+            "index.interval.bytes",
+            settings.index_interval_bytes.to_string(),
+        ),
         ("min.insync.replicas", "1".to_string()),
     ]
 }
@@ -472,6 +475,9 @@ async fn create_partitions(
     CreatePartitionsResponse::default().with_results(results)
 }
 
+/// A config in a DescribeConfigs answer: name, value, source.
+type ConfigEntry = (String, String, i8);
+
 /// Resource types of DescribeConfigs.
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
@@ -493,55 +499,54 @@ fn describe_configs(context: &Context, request: DescribeConfigsRequest) -> Descr
         let result = DescribeConfigsResult::default()
             .with_resource_type(resource.resource_type)
             .with_resource_name(resource.resource_name.clone());
-        let entries: Result<Vec<(String, String, i8)>, (i16, String)> =
-            match resource.resource_type {
-                RESOURCE_TOPIC => match context.view.table.get(&name) {
-                    Some(meta) => {
-                        let defaults = kafka_configs(&shared.config.topic_defaults);
-                        Ok(kafka_configs(&meta.settings)
-                            .into_iter()
-                            .map(|(key, value)| {
-                                let source = if defaults.iter().any(|(k, v)| *k == key && *v == value) {
-                                    SOURCE_DEFAULT
-                                } else {
-                                    SOURCE_TOPIC
-                                };
-                                (key.to_string(), value, source)
-                            })
-                            .collect())
-                    }
-                    None => Err((
-                        errors::UNKNOWN_TOPIC_OR_PARTITION,
-                        format!("topic {name} does not exist"),
-                    )),
-                },
-                RESOURCE_BROKER => Ok(vec![
-                    (
-                        "auto.create.topics.enable".to_string(),
-                        shared.config.topics.auto_create.to_string(),
-                        SOURCE_DEFAULT,
-                    ),
-                    (
-                        "num.partitions".to_string(),
-                        shared.config.topics.default_partitions.to_string(),
-                        SOURCE_DEFAULT,
-                    ),
-                    (
-                        "default.replication.factor".to_string(),
-                        "1".to_string(),
-                        SOURCE_DEFAULT,
-                    ),
-                    (
-                        "message.max.bytes".to_string(),
-                        shared.config.topic_defaults.batch_bytes_max.to_string(),
-                        SOURCE_DEFAULT,
-                    ),
-                ]),
-                other => Err((
-                    errors::INVALID_REQUEST,
-                    format!("resource type {other} has no configs in Rill"),
+        let entries: Result<Vec<ConfigEntry>, (i16, String)> = match resource.resource_type {
+            RESOURCE_TOPIC => match context.view.table.get(&name) {
+                Some(meta) => {
+                    let defaults = kafka_configs(&shared.config.topic_defaults);
+                    Ok(kafka_configs(&meta.settings)
+                        .into_iter()
+                        .map(|(key, value)| {
+                            let source = if defaults.iter().any(|(k, v)| *k == key && *v == value) {
+                                SOURCE_DEFAULT
+                            } else {
+                                SOURCE_TOPIC
+                            };
+                            (key.to_string(), value, source)
+                        })
+                        .collect())
+                }
+                None => Err((
+                    errors::UNKNOWN_TOPIC_OR_PARTITION,
+                    format!("topic {name} does not exist"),
                 )),
-            };
+            },
+            RESOURCE_BROKER => Ok(vec![
+                (
+                    "auto.create.topics.enable".to_string(),
+                    shared.config.topics.auto_create.to_string(),
+                    SOURCE_DEFAULT,
+                ),
+                (
+                    "num.partitions".to_string(),
+                    shared.config.topics.default_partitions.to_string(),
+                    SOURCE_DEFAULT,
+                ),
+                (
+                    "default.replication.factor".to_string(),
+                    "1".to_string(),
+                    SOURCE_DEFAULT,
+                ),
+                (
+                    "message.max.bytes".to_string(),
+                    shared.config.topic_defaults.batch_bytes_max.to_string(),
+                    SOURCE_DEFAULT,
+                ),
+            ]),
+            other => Err((
+                errors::INVALID_REQUEST,
+                format!("resource type {other} has no configs in Rill"),
+            )),
+        };
         results.push(match entries {
             Ok(entries) => result.with_configs(
                 entries
@@ -658,7 +663,11 @@ fn find_coordinator(context: &Context, request: FindCoordinatorRequest) -> FindC
         .with_error_code(code)
         .with_error_message(message.clone())
         .with_node_id(BrokerId(if code == errors::NONE { NODE_ID } else { -1 }))
-        .with_host(text(if code == errors::NONE { host.as_str() } else { "" }))
+        .with_host(text(if code == errors::NONE {
+            host.as_str()
+        } else {
+            ""
+        }))
         .with_port(if code == errors::NONE { *port } else { -1 });
     // v4 asks for several keys at once; answered too, in case it is served later.
     let coordinators = request
@@ -739,7 +748,7 @@ mod tests {
             if let Ok(Some(setting)) = rill_setting(kafka, Some(&value)) {
                 let mut settings = defaults.clone();
                 settings
-                    .apply_overrides(&[setting.clone()])
+                    .apply_overrides(std::slice::from_ref(&setting))
                     .unwrap_or_else(|error| panic!("{kafka}={value} -> {setting:?}: {error}"));
             }
         }

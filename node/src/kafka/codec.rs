@@ -62,7 +62,11 @@ pub fn peek(body: &[u8]) -> Option<Peek> {
 }
 
 /// Decodes the request header, leaving `body` at the request itself.
-pub fn decode_header(api_key: ApiKey, version: i16, body: &mut Bytes) -> anyhow::Result<RequestHeader> {
+pub fn decode_header(
+    api_key: ApiKey,
+    version: i16,
+    body: &mut Bytes,
+) -> anyhow::Result<RequestHeader> {
     RequestHeader::decode(body, api_key.request_header_version(version))
 }
 
@@ -83,7 +87,7 @@ pub enum Decoded {
         api_key: ApiKey,
         version: i16,
         header: RequestHeader,
-        request: RequestKind,
+        request: Box<RequestKind>,
     },
     /// ApiVersions at a version newer than served: answered with v0 and
     /// UNSUPPORTED_VERSION so the client can retry.
@@ -96,7 +100,10 @@ pub enum Decoded {
 /// API and version against what is served before decoding anything else.
 pub fn decode_request_frame(body: &[u8]) -> Decoded {
     let Some(peek) = peek(body) else {
-        return Decoded::Refused(format!("request of {} bytes is shorter than its header", body.len()));
+        return Decoded::Refused(format!(
+            "request of {} bytes is shorter than its header",
+            body.len()
+        ));
     };
     let Ok(api_key) = ApiKey::try_from(peek.api_key) else {
         return Decoded::Refused(format!("unknown API key {}", peek.api_key));
@@ -120,7 +127,7 @@ pub fn decode_request_frame(body: &[u8]) -> Decoded {
             api_key,
             version,
             header,
-            request,
+            request: Box::new(request),
         },
         Err(error) => Decoded::Refused(format!("malformed {api_key:?} v{version}: {error}")),
     }
@@ -180,17 +187,30 @@ mod tests {
         let body = request_body(3, 1, &(-1i32).to_be_bytes());
         assert!(matches!(
             decode_request_frame(&body),
-            Decoded::Request { api_key: ApiKey::Metadata, version: 1, .. }
+            Decoded::Request {
+                api_key: ApiKey::Metadata,
+                version: 1,
+                ..
+            }
         ));
         assert!(matches!(
             decode_request_frame(&request_body(18, 127, &[])),
             Decoded::ApiVersionsTooNew { correlation_id: 42 }
         ));
-        assert!(matches!(decode_request_frame(&request_body(999, 0, &[])), Decoded::Refused(_)));
-        assert!(matches!(decode_request_frame(&request_body(1, 99, &[])), Decoded::Refused(_)));
+        assert!(matches!(
+            decode_request_frame(&request_body(999, 0, &[])),
+            Decoded::Refused(_)
+        ));
+        assert!(matches!(
+            decode_request_frame(&request_body(1, 99, &[])),
+            Decoded::Refused(_)
+        ));
         assert!(matches!(decode_request_frame(&[0, 3]), Decoded::Refused(_)));
         // Transactions are not served: EndTxn is refused, not decoded.
-        assert!(matches!(decode_request_frame(&request_body(26, 0, &[])), Decoded::Refused(_)));
+        assert!(matches!(
+            decode_request_frame(&request_body(26, 0, &[])),
+            Decoded::Refused(_)
+        ));
     }
 
     #[test]
@@ -203,7 +223,10 @@ mod tests {
         let mut flexible = request_body(3, 9, &[]);
         flexible.push(0); // header tagged fields
         flexible.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]); // varint 2^32 - 1
-        assert!(matches!(decode_request_frame(&flexible), Decoded::Refused(_)));
+        assert!(matches!(
+            decode_request_frame(&flexible),
+            Decoded::Refused(_)
+        ));
     }
 
     #[test]

@@ -114,9 +114,7 @@ impl KafkaConnection {
     pub fn new(shared: Arc<Shared>, stream: &TcpStream, peer: SocketAddr) -> Self {
         let view = shared.topics.snapshot();
         // Unless configured, clients are sent back to the address they used.
-        let local = stream
-            .local_addr()
-            .unwrap_or(shared.config.listeners.kafka);
+        let local = stream.local_addr().unwrap_or(shared.config.listeners.kafka);
         let settings = &shared.config.kafka;
         let host = if settings.advertised_host.is_empty() {
             local.ip().to_string()
@@ -218,7 +216,7 @@ impl FrameHandler for KafkaConnection {
                 header,
                 request,
                 ..
-            } => (version, header, request),
+            } => (version, header, *request),
             codec::Decoded::ApiVersionsTooNew { correlation_id } => {
                 // The client's version is newer than ours: a v0 answer with
                 // UNSUPPORTED_VERSION and our ranges, so it can retry.
@@ -240,7 +238,8 @@ impl FrameHandler for KafkaConnection {
         let context = self.context();
         match request {
             RequestKind::Produce(request) => {
-                let pending = super::produce::dispatch(&context, request, &self.next_partition).await;
+                let pending =
+                    super::produce::dispatch(&context, request, &self.next_partition).await;
                 compio::runtime::spawn(super::produce::finish(
                     context,
                     correlation_id,

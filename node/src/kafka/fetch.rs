@@ -50,7 +50,9 @@ impl Got {
     }
 
     fn bytes(&self) -> u64 {
-        self.records.as_ref().map_or(0, |records| records.len() as u64)
+        self.records
+            .as_ref()
+            .map_or(0, |records| records.len() as u64)
     }
 }
 
@@ -167,8 +169,13 @@ async fn read_all(
                 continue;
             }
         };
-        let key = (names[want.topic].0.as_str().to_string(), want.partition as u32);
-        let budget = want.partition_max_bytes.min(response_max.saturating_sub(used));
+        let key = (
+            names[want.topic].0.as_str().to_string(),
+            want.partition as u32,
+        );
+        let budget = want
+            .partition_max_bytes
+            .min(response_max.saturating_sub(used));
         if budget == 0 {
             // The response is full: report the partition's state only.
             let latest = shared
@@ -251,7 +258,10 @@ async fn wait_for_any(
         };
         let (reply, woken) = oneshot::channel();
         let op = ShardOp::WaitForData {
-            key: (names[want.topic].0.as_str().to_string(), want.partition as u32),
+            key: (
+                names[want.topic].0.as_str().to_string(),
+                want.partition as u32,
+            ),
             offset: got.next_offset.max(want.offset),
             reply,
         };
@@ -264,8 +274,5 @@ async fn wait_for_any(
         return false;
     }
     let timer = Box::pin(compio::time::sleep(remaining));
-    matches!(
-        select(select_all(waits), timer).await,
-        Either::Left(_)
-    )
+    matches!(select(select_all(waits), timer).await, Either::Left(_))
 }

@@ -9,7 +9,9 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use kafka_protocol::messages::delete_groups_response::{DeletableGroupResult, DeleteGroupsResponse};
+use kafka_protocol::messages::delete_groups_response::{
+    DeletableGroupResult, DeleteGroupsResponse,
+};
 use kafka_protocol::messages::describe_groups_response::{
     DescribeGroupsResponse, DescribedGroup, DescribedGroupMember,
 };
@@ -107,7 +109,12 @@ async fn join(context: &Context, version: i16, request: JoinGroupRequest) -> Joi
         protocols: request
             .protocols
             .into_iter()
-            .map(|protocol| (protocol.name.as_str().to_string(), protocol.metadata.to_vec()))
+            .map(|protocol| {
+                (
+                    protocol.name.as_str().to_string(),
+                    protocol.metadata.to_vec(),
+                )
+            })
             .collect(),
         require_known_member_id: version >= 4,
         reason: request.reason.map(|reason| reason.as_str().to_string()),
@@ -155,8 +162,12 @@ async fn sync(context: &Context, request: SyncGroupRequest) -> SyncGroupResponse
     let sync = SyncRequest {
         member_id: request.member_id.as_str().to_string(),
         generation_id: request.generation_id,
-        protocol_type: request.protocol_type.map(|value| value.as_str().to_string()),
-        protocol_name: request.protocol_name.map(|value| value.as_str().to_string()),
+        protocol_type: request
+            .protocol_type
+            .map(|value| value.as_str().to_string()),
+        protocol_name: request
+            .protocol_name
+            .map(|value| value.as_str().to_string()),
         assignments: request
             .assignments
             .into_iter()
@@ -327,7 +338,10 @@ fn offset_fetch(context: &Context, request: OffsetFetchRequest) -> OffsetFetchRe
                 .filter(|(listed, _)| *listed == group)
                 .flat_map(|(_, offsets)| offsets)
             {
-                match by_topic.iter_mut().find(|(topic, _)| topic.0.as_str() == name) {
+                match by_topic
+                    .iter_mut()
+                    .find(|(topic, _)| topic.0.as_str() == name)
+                {
                     Some((_, partitions)) => partitions.push(partition as i32),
                     None => by_topic.push((TopicName(text(name)), vec![partition as i32])),
                 }
@@ -401,8 +415,9 @@ fn describe_groups(context: &Context, request: DescribeGroupsRequest) -> Describ
         .groups
         .into_iter()
         .map(|group_id| {
-            let description =
-                with_coordinator(context, |coordinator| coordinator.describe(group_id.0.as_str()));
+            let description = with_coordinator(context, |coordinator| {
+                coordinator.describe(group_id.0.as_str())
+            });
             DescribedGroup::default()
                 .with_group_id(group_id)
                 .with_group_state(text(description.state.as_str()))

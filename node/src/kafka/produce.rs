@@ -9,10 +9,10 @@ use std::time::Instant;
 
 use futures_channel::oneshot;
 use kafka_protocol::messages::ProduceRequest;
+use kafka_protocol::messages::TopicName;
 use kafka_protocol::messages::produce_response::{
     PartitionProduceResponse, ProduceResponse, TopicProduceResponse,
 };
-use kafka_protocol::messages::TopicName;
 use kafka_protocol::protocol::StrBytes;
 use rill_core::log::AppendInfo;
 use rill_protocol::{Acks, ErrorCode};
@@ -197,7 +197,10 @@ where
     match codec::encode_response(correlation_id, version, response) {
         Ok(frame) => Some(frame),
         Err(error) => {
-            let response = std::any::type_name::<R>().rsplit("::").next().unwrap_or("response");
+            let response = std::any::type_name::<R>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("response");
             tracing::error!(%error, response, version, "encoding a Kafka response failed");
             None
         }
