@@ -70,9 +70,6 @@ pub async fn answer(
     match request {
         RequestKind::ApiVersions(_) => reply!(super::api::api_versions(errors::NONE)),
         RequestKind::Metadata(request) => reply!(metadata(context, version, request).await),
-        RequestKind::Fetch(request) => {
-            super::fetch::fetch(context, correlation_id, version, request).await
-        }
         RequestKind::ListOffsets(request) => {
             reply!(list_offsets(context, version, request).await)
         }

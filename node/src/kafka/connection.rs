@@ -38,7 +38,9 @@ pub struct Context {
 #[derive(Default)]
 struct Ordered {
     next: Cell<u64>,
-    ready: RefCell<BTreeMap<u64, Option<Vec<u8>>>>,
+    /// Finished answers waiting for earlier ones: the pieces of each (none
+    /// for a request without an answer).
+    ready: RefCell<BTreeMap<u64, Vec<Outgoing>>>,
 }
 
 /// The right to answer one request. Dropping it unanswered answers nothing
@@ -56,27 +58,39 @@ impl Responder {
     /// Sends `frame` (or nothing, for requests without an answer) once the
     /// requests before this one are answered.
     pub fn send(mut self, frame: Option<Vec<u8>>) {
-        self.deliver(frame);
+        self.deliver(frame.map(Outgoing::Frame).into_iter().collect());
     }
 
-    fn deliver(&mut self, frame: Option<Vec<u8>>) {
+    /// Sends an answer made of pieces written one after the other (bytes
+    /// and file ranges spliced to the socket).
+    pub(crate) fn send_pieces(mut self, pieces: Vec<Outgoing>) {
+        self.deliver(pieces);
+    }
+
+    fn deliver(&mut self, pieces: Vec<Outgoing>) {
         if self.done {
             return;
         }
         self.done = true;
-        self.ordered.ready.borrow_mut().insert(self.sequence, frame);
+        self.ordered
+            .ready
+            .borrow_mut()
+            .insert(self.sequence, pieces);
         loop {
             let next = self.ordered.next.get();
-            let Some(frame) = self.ordered.ready.borrow_mut().remove(&next) else {
+            let Some(pieces) = self.ordered.ready.borrow_mut().remove(&next) else {
                 break;
             };
             self.ordered.next.set(next + 1);
-            let queued = match (frame, &self.writer) {
-                (Some(frame), Some(writer)) => {
-                    queue_answer(writer, &self.shared.buffers, Outgoing::Frame(frame), true)
-                }
-                _ => false,
-            };
+            // Pieces of one answer are queued together, so nothing comes
+            // between them; the last one ends the request.
+            let count = pieces.len();
+            let mut queued = count > 0;
+            for (index, piece) in pieces.into_iter().enumerate() {
+                queued &= self.writer.as_ref().is_some_and(|writer| {
+                    queue_answer(writer, &self.shared.buffers, piece, index + 1 == count)
+                });
+            }
             if !queued {
                 self.in_flight.finish(1);
             }
@@ -86,7 +100,7 @@ impl Responder {
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        self.deliver(None);
+        self.deliver(Vec::new());
     }
 }
 
@@ -247,6 +261,14 @@ impl FrameHandler for KafkaConnection {
                     pending,
                     responder,
                 ))
+                .detach();
+            }
+            RequestKind::Fetch(request) => {
+                compio::runtime::spawn(async move {
+                    let pieces =
+                        super::fetch::fetch(&context, correlation_id, version, request).await;
+                    responder.send_pieces(pieces);
+                })
                 .detach();
             }
             request => {
