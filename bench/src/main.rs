@@ -745,6 +745,19 @@ fn kafka_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Vec
         )
     };
     let gib = |phase: &kafka::Phase| gib_per_second(phase.bytes_per_second);
+    // Each round's Kafka/native ratio, in round order: the spread says more
+    // than the median on this shared machine.
+    let ratios = |ratio: fn(&kafka::Round) -> f64| {
+        let ratios: Vec<String> = figures
+            .rounds
+            .iter()
+            .map(|round| format!("{:.0}%", 100.0 * ratio(round)))
+            .collect();
+        format!(
+            "per-round ratios {} (native first in odd rounds, Kafka first in even ones)",
+            ratios.join(", ")
+        )
+    };
     let mut rows = Vec::new();
 
     let native_produce: Vec<f64> = figures
@@ -770,9 +783,12 @@ fn kafka_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Vec
             gib(&round.kafka_produce),
             gib(&round.native_produce),
             format!(
-                "{mib_moved} MiB, the same records as native (bytes counted as native batches); {}; {}",
+                "{mib_moved} MiB, the same records as native (bytes counted as native batches); {}; {}; {}",
                 settings(kafka::PRODUCER_SETTINGS),
-                cpu(figures.rounds.iter().map(|round| round.kafka_produce).collect())
+                cpu(figures.rounds.iter().map(|round| round.kafka_produce).collect()),
+                ratios(|round| {
+                    round.kafka_produce.bytes_per_second / round.native_produce.bytes_per_second
+                })
             ),
         );
     }
@@ -813,9 +829,12 @@ fn kafka_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Vec
             gib(&round.kafka_consume),
             gib(&round.native_consume),
             format!(
-                "the same batches as the native consume, assigned partition (no group join, no commits); {}; {}",
+                "the same batches as the native consume, assigned partition (no group join, no commits); {}; {}; {}",
                 settings(kafka::CONSUMER_SETTINGS),
-                cpu(figures.rounds.iter().map(|round| round.kafka_consume).collect())
+                cpu(figures.rounds.iter().map(|round| round.kafka_consume).collect()),
+                ratios(|round| {
+                    round.kafka_consume.bytes_per_second / round.native_consume.bytes_per_second
+                })
             ),
         );
     }
