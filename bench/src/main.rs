@@ -6,6 +6,8 @@
 //! the process with a clear message if the machine stalls.
 
 mod broker;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod limits;
 mod machine;
 mod native;
@@ -32,13 +34,22 @@ enum Scenario {
     /// The storage engine: append per driver and fsync policy, write
     /// amplification, sealed-segment reads, recovery of an active segment.
     Storage,
-    /// Every scenario above, one after the other, in one table.
+    /// Every scenario, one after the other, in one table.
     Suite,
     /// The broker over the native protocol: produce and consume throughput
     /// against loopback and disk limits, durable-produce latency at 50 MB/s,
     /// CPU per GiB, resident memory idle and under load.
     Native,
+    /// The broker over the Kafka wire protocol with librdkafka, next to the
+    /// native protocol in the same run: produce and consume throughput as a
+    /// ratio to native, produce latency at 20 MB/s with acks=all. Needs the
+    /// `kafka` feature.
+    Kafka,
 }
+
+/// Why the `kafka` scenario cannot run in this build.
+const KAFKA_UNAVAILABLE: &str =
+    "built without the kafka feature: cargo build --release -p rill-bench --features kafka";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -95,6 +106,9 @@ fn main() -> ExitCode {
 }
 
 fn run(arguments: &Arguments) -> anyhow::Result<()> {
+    if arguments.scenario == Scenario::Kafka && !cfg!(feature = "kafka") {
+        anyhow::bail!("kafka scenario unavailable: {KAFKA_UNAVAILABLE}");
+    }
     std::fs::create_dir_all(&arguments.data_dir).with_context(|| {
         format!(
             "creating the data directory {}",
@@ -117,9 +131,24 @@ fn run(arguments: &Arguments) -> anyhow::Result<()> {
     let rows = match arguments.scenario {
         Scenario::Storage => storage_scenario(&data_dir, arguments.smoke)?,
         Scenario::Native => native_scenario(&data_dir, arguments.smoke)?,
+        Scenario::Kafka => kafka_scenario(&data_dir, arguments.smoke)?,
         Scenario::Suite => {
             let mut rows = storage_scenario(&data_dir, arguments.smoke)?;
             rows.extend(native_scenario(&data_dir, arguments.smoke)?);
+            if cfg!(feature = "kafka") {
+                rows.extend(kafka_scenario(&data_dir, arguments.smoke)?);
+            } else {
+                eprintln!("Kafka wire protocol scenario unavailable: {KAFKA_UNAVAILABLE}");
+                rows.push(
+                    Row::new(
+                        "Kafka wire protocol (librdkafka): produce, consume, latency",
+                        "librdkafka",
+                        0.0,
+                        "GiB/s",
+                    )
+                    .note(format!("UNAVAILABLE: {KAFKA_UNAVAILABLE}")),
+                );
+            }
             rows
         }
     };
@@ -643,6 +672,210 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
             "MiB",
         )
         .against("memory budget", (TINY_MEMORY_BUDGET_BYTES / mib(1)) as f64)
+        .target("<= 100%"),
+    );
+    Ok(rows)
+}
+
+#[cfg(not(feature = "kafka"))]
+fn kafka_scenario(_data_dir: &std::path::Path, _smoke: bool) -> anyhow::Result<Vec<Row>> {
+    anyhow::bail!("kafka scenario unavailable: {KAFKA_UNAVAILABLE}")
+}
+
+/// One figure's median over rounds, with its spread after `note`, as a
+/// row without a limit.
+#[cfg(feature = "kafka")]
+fn median_row(scenario: &str, driver: &str, values: &[f64], note: String) -> Row {
+    let mut sorted = values.to_vec();
+    let value = median(&mut sorted);
+    Row::new(scenario, driver, value, "GiB/s").note(format!(
+        "{note}; median of {} rounds (min {:.2}, max {:.2} GiB/s)",
+        values.len(),
+        sorted.first().copied().unwrap_or(0.0),
+        sorted.last().copied().unwrap_or(0.0)
+    ))
+}
+
+#[cfg(feature = "kafka")]
+fn kafka_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Vec<Row>> {
+    let plan = if smoke {
+        kafka::Plan {
+            bytes: mib(64),
+            rounds: 1,
+            latency_offered_bytes_per_second: 20e6,
+            latency_duration: Duration::from_secs(1),
+        }
+    } else {
+        kafka::Plan {
+            bytes: mib(1024),
+            rounds: 3,
+            latency_offered_bytes_per_second: 20e6,
+            latency_duration: Duration::from_secs(10),
+        }
+    };
+    let run = storage::RunDirectory::new(data_dir, "kafka")?;
+    eprintln!(
+        "Kafka wire protocol next to native: {} rounds of {} MiB each way, 1 partition",
+        plan.rounds,
+        plan.bytes / mib(1)
+    );
+    let figures = kafka::run(run.path(), &plan)?;
+    drop(run);
+    let mib_moved = figures.bytes / mib(1);
+    let settings = |settings: &[(&str, &str)]| {
+        settings
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let cpu = |phases: Vec<kafka::Phase>| {
+        let mut broker: Vec<f64> = phases
+            .iter()
+            .map(|phase| phase.broker_cpu_seconds_per_gib)
+            .collect();
+        let mut client: Vec<f64> = phases
+            .iter()
+            .map(|phase| phase.client_cpu_seconds_per_gib)
+            .collect();
+        format!(
+            "CPU per GiB (medians): broker {:.2} s, client {:.2} s",
+            median(&mut broker),
+            median(&mut client)
+        )
+    };
+    let gib = |phase: &kafka::Phase| gib_per_second(phase.bytes_per_second);
+    // Each round's Kafka/native ratio, in round order: the spread says more
+    // than the median on this shared machine.
+    let ratios = |ratio: fn(&kafka::Round) -> f64| {
+        let ratios: Vec<String> = figures
+            .rounds
+            .iter()
+            .map(|round| format!("{:.0}%", 100.0 * ratio(round)))
+            .collect();
+        format!(
+            "per-round ratios {} (native first in odd rounds, Kafka first in even ones)",
+            ratios.join(", ")
+        )
+    };
+    let mut rows = Vec::new();
+
+    let native_produce: Vec<f64> = figures
+        .rounds
+        .iter()
+        .map(|round| gib(&round.native_produce))
+        .collect();
+    rows.push(
+        median_row(
+            "native produce, 1 KiB records in 64 KiB batches, 1 partition, acks=written (broker of the Kafka run)",
+            "native",
+            &native_produce,
+            format!(
+                "{mib_moved} MiB per round, window {} batches; {}",
+                native::PRODUCE_WINDOW_BATCHES,
+                cpu(figures.rounds.iter().map(|round| round.native_produce).collect())
+            ),
+        ),
+    );
+    let mut kafka_produce = Samples::default();
+    for round in &figures.rounds {
+        kafka_produce.push(
+            gib(&round.kafka_produce),
+            gib(&round.native_produce),
+            format!(
+                "{mib_moved} MiB, the same records as native (bytes counted as native batches); {}; {}; {}",
+                settings(kafka::PRODUCER_SETTINGS),
+                cpu(figures.rounds.iter().map(|round| round.kafka_produce).collect()),
+                ratios(|round| {
+                    round.kafka_produce.bytes_per_second / round.native_produce.bytes_per_second
+                })
+            ),
+        );
+    }
+    rows.push(kafka_produce.row(
+        "Kafka produce (librdkafka), 1 KiB records in ~64 KiB batches, 1 partition, acks=1",
+        "librdkafka",
+        "native produce",
+        ">= 80%",
+    ));
+
+    let cold = figures.rounds.iter().all(|round| round.cold);
+    let native_consume: Vec<f64> = figures
+        .rounds
+        .iter()
+        .map(|round| gib(&round.native_consume))
+        .collect();
+    rows.push(median_row(
+        "native consume of that data on disk, 4 MiB fetches, one in flight",
+        "native",
+        &native_consume,
+        format!(
+            "{}; {}",
+            if cold {
+                "page cache dropped before each consume"
+            } else {
+                "page cache could not be dropped: warm"
+            },
+            cpu(figures
+                .rounds
+                .iter()
+                .map(|round| round.native_consume)
+                .collect())
+        ),
+    ));
+    let mut kafka_consume = Samples::default();
+    for round in &figures.rounds {
+        kafka_consume.push(
+            gib(&round.kafka_consume),
+            gib(&round.native_consume),
+            format!(
+                "the same batches as the native consume, assigned partition (no group join, no commits); {}; {}; {}",
+                settings(kafka::CONSUMER_SETTINGS),
+                cpu(figures.rounds.iter().map(|round| round.kafka_consume).collect()),
+                ratios(|round| {
+                    round.kafka_consume.bytes_per_second / round.native_consume.bytes_per_second
+                })
+            ),
+        );
+    }
+    rows.push(kafka_consume.row(
+        "Kafka consume (librdkafka) of the same data on disk, 4 MiB fetches",
+        "librdkafka",
+        "native consume",
+        ">= 80%",
+    ));
+
+    let latency = &figures.latency;
+    rows.push(
+        Row::new(
+            &format!(
+                "Kafka produce (librdkafka) at {:.0} MB/s offered, acks=all, fsync every-batch: p99 latency",
+                latency.offered_bytes_per_second / 1e6
+            ),
+            "librdkafka",
+            latency.latency.p99_us,
+            "us",
+        )
+        .note(format!(
+            "p50 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs, {} records in {} s, achieved {:.1} MB/s of {:.0}; latency from each record's intended send time to its delivery report; {}",
+            latency.latency.p50_us,
+            latency.p999_us,
+            latency.latency.max_us,
+            latency.latency.samples,
+            plan.latency_duration.as_secs(),
+            latency.achieved_bytes_per_second / 1e6,
+            latency.offered_bytes_per_second / 1e6,
+            settings(kafka::LATENCY_PRODUCER_SETTINGS)
+        )),
+    );
+    rows.push(
+        Row::new(
+            "broker peak resident memory, Kafka and native load",
+            "broker",
+            figures.peak_resident_kib as f64 / 1024.0,
+            "MiB",
+        )
+        .against("memory budget", 512.0)
         .target("<= 100%"),
     );
     Ok(rows)

@@ -21,7 +21,7 @@ use crate::storage::producer_batch;
 
 /// Batches a producer keeps unacknowledged (4 MiB, like a Kafka producer
 /// with several requests of batches in flight).
-const PRODUCE_WINDOW_BATCHES: usize = 64;
+pub const PRODUCE_WINDOW_BATCHES: usize = 64;
 
 pub struct ThroughputFigures {
     pub produce_bytes_per_second: f64,
@@ -36,7 +36,7 @@ pub struct ThroughputFigures {
     pub bytes: u64,
 }
 
-async fn connect(broker: &BrokerProcess) -> anyhow::Result<Client> {
+pub async fn connect(broker: &BrokerProcess) -> anyhow::Result<Client> {
     let config = ClientConfig {
         client_id: "rill-bench".into(),
         ..ClientConfig::default()
@@ -49,7 +49,7 @@ async fn connect(broker: &BrokerProcess) -> anyhow::Result<Client> {
 /// Produces `total_bytes` of `batch` round robin over `partitions` with
 /// acks=written, keeping [`PRODUCE_WINDOW_BATCHES`] unacknowledged. Returns
 /// the bytes sent.
-async fn produce_windowed(
+pub async fn produce_windowed(
     client: &Client,
     topic: &str,
     partitions: u32,
@@ -78,7 +78,7 @@ async fn produce_windowed(
 
 /// Reads `partitions` partitions of `topic` to their end, one fetch in
 /// flight per partition. Returns the bytes read.
-async fn consume_all(client: &Client, topic: &str, partitions: u32) -> anyhow::Result<u64> {
+pub async fn consume_all(client: &Client, topic: &str, partitions: u32) -> anyhow::Result<u64> {
     let readers = (0..partitions).map(|partition| async move {
         let mut offset = 0i64;
         let mut bytes = 0u64;
