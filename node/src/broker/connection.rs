@@ -956,7 +956,7 @@ impl Connection {
             owner,
             ShardOp::Produce {
                 key: (topic.to_string(), partition),
-                batch: batch.to_vec(),
+                batch: bytes::Bytes::copy_from_slice(batch),
                 acks,
                 reply,
             },
