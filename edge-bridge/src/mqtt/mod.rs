@@ -13,6 +13,8 @@
 
 mod codec;
 mod error;
+pub mod mapping;
+mod message;
 mod packet;
 mod properties;
 pub mod reason;
@@ -21,6 +23,7 @@ mod wire;
 
 pub use codec::{connect_protocol_version, decode, decode_connect, encode, encoded_len};
 pub use error::{DecodeError, EncodeError};
+pub use message::{Message, MessageProperties};
 pub use packet::{
     Auth, ConnAck, Connect, Disconnect, Packet, PacketType, ProtocolVersion, Publish,
     PublishResponse, QoS, RetainHandling, SubAck, Subscribe, Subscription, SubscriptionOptions,
