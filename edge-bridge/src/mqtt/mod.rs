@@ -18,6 +18,8 @@ mod message;
 mod packet;
 mod properties;
 pub mod reason;
+pub mod retained;
+mod stored;
 pub mod topic;
 mod wire;
 
@@ -30,6 +32,7 @@ pub use packet::{
     UnsubAck, Unsubscribe, Will,
 };
 pub use properties::{PayloadFormat, Properties, PropertyId, PropertyOwner};
+pub use stored::StoredDecodeError;
 
 /// The largest remaining length a fixed header can carry (four bytes of
 /// variable byte integer): 268 435 455 bytes.
