@@ -20,6 +20,7 @@ mod properties;
 pub mod reason;
 pub mod retained;
 mod stored;
+pub mod subscriptions;
 pub mod topic;
 mod wire;
 
