@@ -11,6 +11,7 @@
 //! use, topic aliases, receive maximum, shared subscription policy) belong
 //! to the session, which can use [`topic`] for its own limits.
 
+pub mod auth;
 mod codec;
 mod error;
 pub mod mapping;
