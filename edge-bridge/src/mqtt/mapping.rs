@@ -17,6 +17,7 @@
 //! | header | value |
 //! |---|---|
 //! | `mqtt.topic` | the MQTT topic name (after alias resolution) |
+//! | `mqtt.client_id` | the publishing client's identifier (for No Local after a replay) |
 //! | `mqtt.qos` | `0`, `1` or `2`: the QoS it was published with |
 //! | `mqtt.retain` | `0` or `1` |
 //! | `mqtt.content_type` | the Content Type, when set |
@@ -399,6 +400,7 @@ pub fn filters_overlap(first: &str, second: &str) -> bool {
 }
 
 pub const TOPIC_HEADER: &str = "mqtt.topic";
+pub const CLIENT_ID_HEADER: &str = "mqtt.client_id";
 pub const QOS_HEADER: &str = "mqtt.qos";
 pub const RETAIN_HEADER: &str = "mqtt.retain";
 pub const CONTENT_TYPE_HEADER: &str = "mqtt.content_type";
@@ -410,12 +412,14 @@ pub const CORRELATION_DATA_HEADER: &str = "mqtt.correlation_data";
 pub const USER_HEADER_PREFIX: &str = "mqtt.user.";
 
 /// The record headers that carry a message's MQTT metadata (the table in
-/// the module documentation), in that order.
-pub fn record_headers(message: &Message) -> Vec<(String, Vec<u8>)> {
+/// the module documentation), in that order; `publisher` is the client
+/// that published it.
+pub fn record_headers(message: &Message, publisher: &str) -> Vec<(String, Vec<u8>)> {
     let properties = &message.properties;
-    let mut headers = Vec::with_capacity(3 + properties.user_properties.len());
+    let mut headers = Vec::with_capacity(4 + properties.user_properties.len());
     let mut push = |name: &str, value: Vec<u8>| headers.push((name.to_owned(), value));
     push(TOPIC_HEADER, message.topic.as_bytes().to_vec());
+    push(CLIENT_ID_HEADER, publisher.as_bytes().to_vec());
     push(QOS_HEADER, vec![b'0' + message.qos as u8]);
     push(
         RETAIN_HEADER,
@@ -443,6 +447,12 @@ pub fn record_headers(message: &Message) -> Vec<(String, Vec<u8>)> {
         ));
     }
     headers
+}
+
+/// The client that published a record over MQTT, from its
+/// `mqtt.client_id` header.
+pub fn publisher_of_record(headers: &[(String, Vec<u8>)]) -> Option<&str> {
+    header(headers, CLIENT_ID_HEADER).and_then(|value| std::str::from_utf8(value).ok())
 }
 
 fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {

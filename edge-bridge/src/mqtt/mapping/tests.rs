@@ -133,7 +133,8 @@ fn invalid_rules_are_named() {
 #[test]
 fn records_without_mqtt_topic_map_back_through_rules() {
     let mapping = sensors();
-    let table: [(&str, Option<&[u8]>, Option<&str>); 9] = [
+    type Case<'a> = (&'a str, Option<&'a [u8]>, Option<&'a str>);
+    let table: [Case; 9] = [
         // The example of the issue: key from level 1.
         (
             "sensor-temperature",
@@ -211,7 +212,8 @@ fn headers_round_trip() {
             ],
         },
     };
-    let headers = record_headers(&message);
+    let headers = record_headers(&message, "dev7-client");
+    assert_eq!(publisher_of_record(&headers), Some("dev7-client"));
     let text: Vec<String> = headers
         .iter()
         .map(|(name, value)| format!("{name}={}", String::from_utf8_lossy(value)))
@@ -220,6 +222,7 @@ fn headers_round_trip() {
         text,
         [
             "mqtt.topic=sensors/dev7/temperature",
+            "mqtt.client_id=dev7-client",
             "mqtt.qos=1",
             "mqtt.retain=1",
             "mqtt.content_type=text/plain",
