@@ -20,6 +20,7 @@ mod packet;
 mod properties;
 pub mod reason;
 pub mod retained;
+pub mod session;
 mod stored;
 pub mod subscriptions;
 pub mod topic;
