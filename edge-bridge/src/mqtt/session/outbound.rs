@@ -33,14 +33,16 @@ impl Connection {
         {
             return (DeliveryOutcome::Duplicate, Vec::new());
         }
+        // Before anything moves a cursor: while paused, the cursor must
+        // stay on the first refused position of its partition.
+        if self.paused && delivery.position.is_some() {
+            return (DeliveryOutcome::Refused, Vec::new());
+        }
         if delivery.message.properties.is_expired(now_ms) {
             self.advance(delivery.position.as_ref());
             return (DeliveryOutcome::Expired, Vec::new());
         }
         let qos = delivery.message.qos.min(delivery.qos);
-        if self.paused && delivery.position.is_some() {
-            return (DeliveryOutcome::Refused, Vec::new());
-        }
         if self.queue.len() >= self.config().queued_messages_max {
             if qos == QoS::AtMostOnce {
                 self.stats.dropped_queue_full += 1;

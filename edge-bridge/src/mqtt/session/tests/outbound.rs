@@ -163,6 +163,10 @@ fn a_full_queue_drops_qos_0_and_pauses_for_qos_1() {
         client.deliver(delivery("a", QoS::AtMostOnce, Some(5))).0,
         DeliveryOutcome::Refused
     );
+    // Even an expired message does not move the cursor past offset 4.
+    let mut expired = delivery("a", QoS::AtLeastOnce, Some(6));
+    expired.message.properties.expires_at_ms = Some(0);
+    assert_eq!(client.deliver(expired).0, DeliveryOutcome::Refused);
     // A shared or retained message (no position) is refused, not paused.
     assert_eq!(
         client.deliver(delivery("a", QoS::AtLeastOnce, None)),
