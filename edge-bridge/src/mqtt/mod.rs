@@ -10,6 +10,12 @@
 //! the same packet. Session rules (a second CONNECT, packet identifiers in
 //! use, topic aliases, receive maximum, shared subscription policy) belong
 //! to the session, which can use [`topic`] for its own limits.
+//!
+//! The server side builds on the codec: [`session`] runs one connection
+//! (its module documentation is the node's contract), [`mapping`] maps
+//! MQTT topics to Rill topics and back, [`subscriptions`] and [`retained`]
+//! are the broker-wide index and store the node owns, and [`auth`] decides
+//! who connects.
 
 pub mod auth;
 mod codec;
