@@ -2,8 +2,10 @@
 //! code that `rill-node` runs: bytes and events in, values and actions out,
 //! time passed in, no sockets and no runtime.
 //!
-//! Today it holds the MQTT 3.1.1 and 5.0 packet codec and topic rules
-//! ([`mqtt`]), the ground for the MQTT session state machines. The upstream
-//! MQTT bridge and the replicator to central Kafka clusters come later.
+//! Today it holds MQTT 3.1.1 and 5.0 ([`mqtt`]): the packet codec and topic
+//! rules, and the server's pure parts on top of them (the per-connection
+//! session state machine, the topic mapping, the subscription index, the
+//! retained store, authentication). The upstream MQTT bridge and the
+//! replicator to central Kafka clusters come later.
 
 pub mod mqtt;
