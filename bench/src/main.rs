@@ -14,6 +14,7 @@ mod native;
 mod peers;
 mod plot;
 mod report;
+mod shapes;
 mod storage;
 
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use rill_core::log::FsyncPolicy;
 use rill_node::io::{IoDriver, io_uring_unavailable_reason};
+use rill_protocol::Acks;
 use serde::Serialize;
 
 use crate::machine::Machine;
@@ -100,9 +102,25 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("rill-bench: {error:#}");
+            let disk_full = error.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.raw_os_error() == Some(libc_enospc()))
+            }) || format!("{error:#}").contains("No space left on device");
+            if disk_full {
+                eprintln!(
+                    "rill-bench: the disk under --data-dir {} is full: free space there or point --data-dir at a larger disk",
+                    arguments.data_dir.display()
+                );
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// ENOSPC on Linux (the harness runs on Linux only).
+fn libc_enospc() -> i32 {
+    28
 }
 
 fn run(arguments: &Arguments) -> anyhow::Result<()> {
@@ -553,6 +571,72 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
             .note(format!("{} MiB", bytes.min(mib(1024)) / mib(1))),
         );
     }
+    // Other load shapes: partitions, producers, fsync policies.
+    let shape_bytes = bytes.min(mib(1024));
+    let shapes_list = [
+        (4, 1, "interval-ms", Acks::Written),
+        (1, 4, "interval-ms", Acks::Written),
+        (4, 4, "interval-ms", Acks::Written),
+        (1, 1, "never", Acks::Written),
+        (1, 1, "interval-ms", Acks::Written),
+        (1, 1, "every-batch", Acks::Written),
+        (1, 1, "every-batch", Acks::Durable),
+        (4, 4, "every-batch", Acks::Durable),
+    ];
+    for (partitions, producers, fsync, acks) in shapes_list {
+        let run = storage::RunDirectory::new(data_dir, "shapes")?;
+        let acks_name = if acks == Acks::Durable {
+            "durable"
+        } else {
+            "written"
+        };
+        eprintln!(
+            "native produce: {partitions} partition(s), {producers} producer(s), fsync {fsync}, acks={acks_name}"
+        );
+        let shape = shapes::Shape {
+            partitions,
+            producers,
+            fsync,
+            acks,
+        };
+        let speed = shapes::produce(run.path(), shape_bytes, shape)?;
+        drop(run);
+        rows.push(
+            Row::new(
+                &format!(
+                    "native produce, 1 KiB records in 64 KiB batches, {partitions} partition(s), {producers} producer(s), fsync {fsync}, acks={acks_name}"
+                ),
+                "broker",
+                gib_per_second(speed),
+                "GiB/s",
+            )
+            .against(if loopback < direct { "loopback" } else { "direct write" }, smaller)
+            .note(format!(
+                "{} MiB in all, each producer on its own connection with 64 batches in flight",
+                shape_bytes / mib(1)
+            )),
+        );
+    }
+    let run = storage::RunDirectory::new(data_dir, "end-to-end")?;
+    eprintln!("end-to-end latency at 20 MB/s offered for {latency_seconds} s");
+    let end_to_end = shapes::end_to_end_latency(
+        run.path(),
+        20e6,
+        std::time::Duration::from_secs(latency_seconds),
+    )?;
+    drop(run);
+    rows.push(
+        Row::new("end-to-end latency (produce acks=written to consumer long poll) at 20 MB/s offered: p99", "broker", end_to_end.latency.p99_us, "us")
+            .note(format!(
+                "p50 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs, {} batches of 64 KiB, achieved {:.1} MB/s of {:.0}; from each batch's intended send time to the consumer holding it",
+                end_to_end.latency.p50_us,
+                end_to_end.p999_us,
+                end_to_end.latency.max_us,
+                end_to_end.latency.samples,
+                end_to_end.achieved_bytes_per_second / 1e6,
+                end_to_end.offered_bytes_per_second / 1e6
+            )),
+    );
     // The same load shape on a peer: 1 KiB messages, persisted and acknowledged.
     let peer_bytes = bytes.min(mib(1024));
     let peer = storage::RunDirectory::new(data_dir, "nats").and_then(|run| {
