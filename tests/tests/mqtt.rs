@@ -606,3 +606,39 @@ fn a_thousand_clients_connect_publish_and_are_acknowledged_at_once() {
     });
     assert_eq!(latest, Some(CLIENTS as i64));
 }
+
+#[test]
+fn a_users_file_lets_in_the_right_password_only() {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let users = directory.path().join("users");
+    let line = rill_node::cli::passwd_line("pump", b"s3cret", 1_000).expect("a users line");
+    std::fs::write(&users, format!("# MQTT users\n{line}\n")).expect("write the users file");
+    let users_setting = format!("mqtt.users_file={}", users.display());
+    let broker = start_broker(&[&users_setting, "mqtt.allow_anonymous=false"]);
+
+    let mut good = options(&broker, "pump-1");
+    good.set_credentials("pump", "s3cret");
+    let mut pump = Mqtt::connect(good);
+    pump.publish("auth/ok", QoS::AtLeastOnce, false, b"in");
+    pump.disconnect();
+
+    for (name, credentials) in [
+        ("wrong password", Some(("pump", "guess"))),
+        ("unknown user", Some(("valve", "s3cret"))),
+        ("anonymous", None),
+    ] {
+        let mut refused = options(&broker, "pump-2");
+        if let Some((user, password)) = credentials {
+            refused.set_credentials(user, password);
+        }
+        let (_client, mut connection) = Client::new(refused, 10);
+        let outcome = connection.recv_timeout(DEADLINE);
+        assert!(
+            matches!(
+                outcome,
+                Ok(Err(rumqttc::ConnectionError::ConnectionRefused(_)))
+            ),
+            "{name}: {outcome:?}"
+        );
+    }
+}
