@@ -642,3 +642,80 @@ fn a_users_file_lets_in_the_right_password_only() {
         );
     }
 }
+
+/// One Fetch (v4) over the Kafka listener with raw requests, as
+/// tests/kafka_wire.rs does: the records of `topic` partition 0 from 0.
+fn kafka_fetch(address: SocketAddr, topic: &str) -> Vec<rill_node::client::ConsumedRecord> {
+    use bytes::{Buf, BytesMut};
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{
+        FetchRequest, FetchResponse, RequestHeader, ResponseHeader, TopicName,
+    };
+    use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
+
+    const VERSION: i16 = 4;
+    let request = FetchRequest::default()
+        .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+        .with_max_wait_ms(1_000)
+        .with_min_bytes(1)
+        .with_max_bytes(1 << 20)
+        .with_topics(vec![
+            FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_string(topic.into())))
+                .with_partitions(vec![
+                    FetchPartition::default()
+                        .with_partition(0)
+                        .with_fetch_offset(0)
+                        .with_partition_max_bytes(1 << 20),
+                ]),
+        ]);
+    let header = RequestHeader::default()
+        .with_request_api_key(FetchRequest::KEY)
+        .with_request_api_version(VERSION)
+        .with_correlation_id(1)
+        .with_client_id(Some(StrBytes::from_static_str("mqtt-test")));
+    let mut body = BytesMut::new();
+    header
+        .encode(&mut body, FetchRequest::header_version(VERSION))
+        .expect("encode header");
+    request.encode(&mut body, VERSION).expect("encode request");
+    let mut stream = TcpStream::connect(address).expect("connect to the Kafka listener");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    stream.write_all(&frame).expect("send Fetch");
+    let mut size = [0u8; 4];
+    stream.read_exact(&mut size).expect("response size");
+    let mut response = vec![0u8; i32::from_be_bytes(size) as usize];
+    stream.read_exact(&mut response).expect("response");
+    let mut response = bytes::Bytes::from(response);
+    let header = ResponseHeader::decode(&mut response, FetchResponse::header_version(VERSION))
+        .expect("response header");
+    assert_eq!(header.correlation_id, 1);
+    let fetched = FetchResponse::decode(&mut response, VERSION).expect("Fetch response");
+    assert_eq!(response.remaining(), 0);
+    let partition = &fetched.responses[0].partitions[0];
+    assert_eq!(partition.error_code, 0);
+    records_of(partition.records.as_deref().unwrap_or_default()).expect("records")
+}
+
+#[test]
+fn mqtt_publishes_are_read_over_kafka() {
+    let broker = start_broker(&[]);
+    let mut publisher = Mqtt::connect(options(&broker, "kafka-device"));
+    publisher.publish("plant/boiler/pressure", QoS::AtLeastOnce, false, b"3.2 bar");
+    publisher.disconnect();
+    let records = kafka_fetch(broker.kafka, "mqtt");
+    assert_eq!(records.len(), 1);
+    let record = &records[0];
+    assert_eq!(
+        record.key.as_deref(),
+        Some(&b"plant/boiler/pressure"[..]),
+        "the catch-all topic is keyed by the MQTT topic"
+    );
+    assert_eq!(record.value.as_deref(), Some(&b"3.2 bar"[..]));
+    assert_eq!(
+        header(&record.headers, "mqtt.client_id"),
+        Some(&b"kafka-device"[..])
+    );
+}
