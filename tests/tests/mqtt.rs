@@ -719,3 +719,51 @@ fn mqtt_publishes_are_read_over_kafka() {
         Some(&b"kafka-device"[..])
     );
 }
+
+#[test]
+fn a_shared_subscription_gives_each_message_to_one_member() {
+    let broker = start_broker(&[]);
+    let mut members: Vec<Mqtt> = ["worker-a", "worker-b"]
+        .into_iter()
+        .map(|id| {
+            let mut member = Mqtt::connect(options(&broker, id));
+            member.subscribe("$share/workers/jobs/#", QoS::AtLeastOnce);
+            member
+        })
+        .collect();
+    let mut publisher = Mqtt::connect(options(&broker, "jobs-publisher"));
+    const JOBS: usize = 10;
+    for index in 0..JOBS {
+        publisher.publish(
+            &format!("jobs/{index}"),
+            QoS::AtLeastOnce,
+            false,
+            format!("job-{index}").as_bytes(),
+        );
+    }
+    let mut received: Vec<Vec<String>> = vec![Vec::new(); members.len()];
+    let started = Instant::now();
+    while received.iter().map(Vec::len).sum::<usize>() < JOBS {
+        assert!(started.elapsed() < DEADLINE, "received {received:?}");
+        for (member, seen) in members.iter_mut().zip(&mut received) {
+            if let Ok(Ok(Event::Incoming(Packet::Publish(publish)))) =
+                member.connection.recv_timeout(Duration::from_millis(20))
+            {
+                seen.push(String::from_utf8_lossy(&publish.payload).into_owned());
+            }
+        }
+    }
+    let mut all: Vec<String> = received.iter().flatten().cloned().collect();
+    assert_eq!(all.len(), JOBS, "{received:?}");
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), JOBS, "each job exactly once: {received:?}");
+    assert!(
+        received.iter().all(|seen| !seen.is_empty()),
+        "both members got work: {received:?}"
+    );
+    publisher.disconnect();
+    for member in members {
+        member.disconnect();
+    }
+}

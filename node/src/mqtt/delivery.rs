@@ -139,16 +139,88 @@ async fn read_partition(
     client: Arc<Client>,
     readers: ReaderSet,
     key: PartitionKey,
-    mut offset: i64,
+    offset: i64,
     id: u64,
 ) {
-    let stopped = |readers: &ReaderSet| {
-        client.is_closed() || shared.is_shutting_down() || !is_current(readers, &key, id)
-    };
+    let stopped = || client.is_closed() || !is_current(&readers, &key, id);
     let mapping = &shared.mqtt.context.mapping;
+    let end = follow(&shared, &key, offset, &stopped, |record| {
+        let Some(message) = mapping.message_from_record(
+            &key.0,
+            &record.headers,
+            record.key,
+            Bytes::copy_from_slice(record.value),
+            now_ms(),
+        ) else {
+            return Step::Next;
+        };
+        let publisher = publisher_of_record(&record.headers).map(str::to_owned);
+        let position = LogPosition {
+            topic: key.0.clone(),
+            partition: key.1,
+            offset: record.offset as u64,
+        };
+        let outcome = client.step_with(|machine, push| {
+            let delivery = machine.catch_up_delivery(message, publisher.as_deref(), position)?;
+            let (outcome, actions) = machine.handle_delivery(delivery, now_ms());
+            for action in actions {
+                push(action);
+            }
+            Some(outcome)
+        });
+        match outcome {
+            Some(DeliveryOutcome::Refused) => Step::Stop,
+            _ => Step::Next,
+        }
+    })
+    .await;
+    match end {
+        // Paused: the session resumes with cursors and new readers.
+        End::Refused => readers.borrow_mut().paused = true,
+        // Deleted: discovery starts a new reader if it comes back.
+        End::Gone => {
+            if is_current(&readers, &key, id) {
+                readers.borrow_mut().running.remove(&key);
+            }
+        }
+        End::Stopped => {}
+    }
+}
+
+/// What to do after a record.
+pub(crate) enum Step {
+    Next,
+    /// Stop reading (the reader ends with [`End::Refused`]).
+    Stop,
+    /// Offer this record again a little later.
+    Again,
+}
+
+/// Why [`follow`] returned.
+pub(crate) enum End {
+    /// `stopped` said so, or the broker is shutting down.
+    Stopped,
+    /// The visitor said [`Step::Stop`].
+    Refused,
+    /// The partition is gone (its topic deleted).
+    Gone,
+}
+
+/// Pause before offering a record again after [`Step::Again`].
+const AGAIN_MS: u64 = 100;
+
+/// Reads `key` from `offset` on, with long polls, and hands each record
+/// to `visit` in offset order until `stopped` holds or `visit` stops.
+pub(crate) async fn follow(
+    shared: &Shared,
+    key: &PartitionKey,
+    mut offset: i64,
+    stopped: &dyn Fn() -> bool,
+    mut visit: impl FnMut(&RecordRef<'_>) -> Step,
+) -> End {
     loop {
-        if stopped(&readers) {
-            return;
+        if stopped() || shared.is_shutting_down() {
+            return End::Stopped;
         }
         let owner = shard_of(&key.0, key.1, shared.shards());
         let request = FetchRequest {
@@ -159,26 +231,20 @@ async fn read_partition(
             min_bytes: 1,
             max_wait: Duration::from_millis(POLL_WAIT_MS),
         };
-        let mut data = match fetch_with_wait(&shared, request).await {
+        let mut data = match fetch_with_wait(shared, request).await {
             Ok(data) => data,
             Err(error) => match error.code {
                 ErrorCode::OffsetOutOfRange => {
                     // Retention removed it, or the topic was made again.
-                    let earliest = resolve(&shared, &key, Start::Since(0)).await;
+                    let earliest = resolve(shared, key, Start::Since(0)).await;
                     offset = match earliest {
                         Ok(earliest) if offset < earliest => earliest,
-                        _ => resolve(&shared, &key, Start::Latest).await.unwrap_or(0),
+                        _ => resolve(shared, key, Start::Latest).await.unwrap_or(0),
                     };
                     continue;
                 }
-                ErrorCode::UnknownTopic | ErrorCode::UnknownPartition => {
-                    // Deleted: discovery starts a new reader if it comes back.
-                    if is_current(&readers, &key, id) {
-                        readers.borrow_mut().running.remove(&key);
-                    }
-                    return;
-                }
-                ErrorCode::ShuttingDown => return,
+                ErrorCode::UnknownTopic | ErrorCode::UnknownPartition => return End::Gone,
+                ErrorCode::ShuttingDown => return End::Stopped,
                 _ => {
                     tracing::warn!(topic = %key.0, partition = key.1, %error, "MQTT delivery read failed; retrying");
                     compio::time::sleep(Duration::from_millis(ERROR_BACKOFF_MS)).await;
@@ -199,58 +265,40 @@ async fn read_partition(
             }
         };
         bytes.extend_from_slice(&data.bytes);
-        let mut refused = false;
+        let mut step = Step::Next;
         let mut next = offset;
         let walked = walk_records(&bytes, |record| {
             if record.offset < offset {
                 return true;
             }
-            if stopped(&readers) {
+            if stopped() {
+                step = Step::Stop;
                 return false;
             }
-            next = record.offset + 1;
-            let Some(message) = mapping.message_from_record(
-                &key.0,
-                &record.headers,
-                record.key,
-                Bytes::copy_from_slice(record.value),
-                now_ms(),
-            ) else {
-                return true;
-            };
-            let publisher = publisher_of_record(&record.headers).map(str::to_owned);
-            let position = LogPosition {
-                topic: key.0.clone(),
-                partition: key.1,
-                offset: record.offset as u64,
-            };
-            let outcome = client.step_with(|machine, push| {
-                let delivery =
-                    machine.catch_up_delivery(message, publisher.as_deref(), position)?;
-                let (outcome, actions) = machine.handle_delivery(delivery, now_ms());
-                for action in actions {
-                    push(action);
+            step = visit(&record);
+            match step {
+                Step::Next => {
+                    next = record.offset + 1;
+                    true
                 }
-                Some(outcome)
-            });
-            if outcome == Some(DeliveryOutcome::Refused) {
-                refused = true;
-                return false;
+                Step::Stop | Step::Again => {
+                    next = record.offset;
+                    false
+                }
             }
-            true
         });
         if let Err(error) = walked {
             tracing::error!(topic = %key.0, partition = key.1, offset, %error, "MQTT delivery skips a damaged batch");
         }
-        if refused {
-            // Paused: the session resumes with cursors and new readers.
-            readers.borrow_mut().paused = true;
-            return;
+        match step {
+            Step::Stop if stopped() => return End::Stopped,
+            Step::Stop => return End::Refused,
+            Step::Again => {
+                offset = next;
+                compio::time::sleep(Duration::from_millis(AGAIN_MS)).await;
+            }
+            Step::Next => offset = next.max(data.next_offset).max(offset),
         }
-        if stopped(&readers) {
-            return;
-        }
-        offset = next.max(data.next_offset).max(offset);
     }
 }
 

@@ -147,6 +147,11 @@ impl Executor {
                         added.push(filter.clone());
                     }
                 }
+                for filter in &added {
+                    if let Ok(Some(shared)) = parse_shared(filter) {
+                        super::share::ensure_group(&self.shared, shared.group, shared.filter).await;
+                    }
+                }
                 // Restored subscriptions are read from the session's
                 // cursors (ResumeDeliveries follows); new ones from now on,
                 // fixed before the SUBACK goes out.

@@ -16,6 +16,8 @@
 //! - `store`: sessions and retained messages under `DATA_DIR/mqtt/`.
 //! - `publish`: records from PUBLISHes and wills, appended through the
 //!   owning shard.
+//! - `share`: shared subscriptions, one reader per group and filter that
+//!   offers each record to the group's members in turn.
 //! - `delivery`: how records reach subscribers. Each connected session
 //!   reads the partitions of its subscriptions' source topics itself, with
 //!   the same fetch and long poll (`WaitForData`) a Kafka consumer uses,
@@ -30,6 +32,7 @@ mod connection;
 mod delivery;
 mod executor;
 mod publish;
+mod share;
 mod store;
 
 use std::collections::HashMap;
@@ -109,6 +112,9 @@ pub struct MqttState {
     pub(crate) retained: Mutex<RetainedStore>,
     pub(crate) sessions: Mutex<Sessions>,
     pub(crate) wills: Mutex<HashMap<String, PendingWill>>,
+    /// Shared subscriptions being read, by (group, filter), with the
+    /// reader's identity.
+    pub(crate) share_groups: Mutex<HashMap<(String, String), u64>>,
     session_files: store::Directory,
     retained_files: store::Directory,
     next_connection: AtomicU64,
@@ -198,6 +204,7 @@ impl MqttState {
                 stored: stored.into_iter().collect(),
             }),
             wills: Mutex::new(HashMap::new()),
+            share_groups: Mutex::new(HashMap::new()),
             session_files,
             retained_files,
             // Unique across restarts: the start time, then a counter.
