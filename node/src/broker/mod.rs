@@ -558,7 +558,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let table = topics::load_all(&config.data_dir)?;
     let groups = GroupStore::open(&config.data_dir)?;
     let kafka_state = crate::kafka::KafkaState::open(&config.data_dir, &config.kafka)?;
-    let mqtt_state = crate::mqtt::MqttState::open(&config.data_dir, &config.mqtt)?;
+    let mqtt_state = crate::mqtt::MqttState::open(
+        &config.data_dir,
+        &config.mqtt,
+        config.topic_defaults.batch_bytes_max,
+    )?;
     let native = bind_listener(config.listeners.native, "native", "listeners.native")?;
     native.set_nonblocking(true)?;
     let kafka = bind_listener(config.listeners.kafka, "Kafka", "listeners.kafka")?;

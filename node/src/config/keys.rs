@@ -407,7 +407,7 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         "mqtt.packet_bytes_max",
         Kind::Bytes,
         "bytes",
-        "Largest MQTT packet accepted (sent as Maximum Packet Size); larger ones close the client with 0x95.",
+        "Largest MQTT packet accepted (sent as Maximum Packet Size; lowered so a record of it fits `topic_defaults.batch_bytes_max`); larger ones close the client with 0x95.",
     ),
     key(
         "mqtt.connect_timeout_ms",

@@ -197,8 +197,22 @@ impl MqttSection {
         Mapping::new(rules, unmatched)
     }
 
-    /// The session state machine's limits and switches.
-    pub fn session_config(&self) -> SessionConfig {
+    /// The packet limit in force: `packet_bytes_max`, lowered when needed
+    /// so that a record made from the largest packet (payload, MQTT topic
+    /// and client id headers) fits `batch_bytes_max`.
+    pub fn effective_packet_bytes_max(&self, batch_bytes_max: u64) -> u32 {
+        let room = batch_bytes_max
+            .saturating_sub(u64::from(self.topic_bytes_max))
+            .saturating_sub(u64::from(self.client_id_bytes_max))
+            .saturating_sub(RECORD_OVERHEAD_BYTES)
+            .max(u64::from(PACKET_BYTES_MIN));
+        self.packet_bytes_max
+            .min(u32::try_from(room).unwrap_or(u32::MAX))
+    }
+
+    /// The session state machine's limits and switches, for topics whose
+    /// batches may be `batch_bytes_max` large.
+    pub fn session_config(&self, batch_bytes_max: u64) -> SessionConfig {
         let seconds = |milliseconds: u64| milliseconds / 1000;
         SessionConfig {
             allow_anonymous: self.allow_anonymous,
@@ -206,7 +220,7 @@ impl MqttSection {
             inflight_inbound_max: self.inflight_inbound_max,
             inflight_outbound_max: self.inflight_outbound_max,
             topic_aliases_max: self.topic_aliases_max,
-            packet_bytes_max: self.packet_bytes_max,
+            packet_bytes_max: self.effective_packet_bytes_max(batch_bytes_max),
             queued_messages_max: self.queued_messages_max as usize,
             subscriptions_max: self.session_subscriptions_max as usize,
             topic_limits: TopicLimits {
@@ -327,21 +341,6 @@ pub(crate) fn validate(
             ),
         );
     }
-    let record_bytes_max = u64::from(mqtt.packet_bytes_max)
-        + u64::from(mqtt.topic_bytes_max)
-        + u64::from(mqtt.client_id_bytes_max)
-        + RECORD_OVERHEAD_BYTES;
-    if record_bytes_max > config.topic_defaults.batch_bytes_max {
-        return fail(
-            "mqtt.packet_bytes_max",
-            format!(
-                "{} would make records of up to {record_bytes_max} bytes (payload, MQTT topic \
-                 and client id headers), over topic_defaults.batch_bytes_max ({}); lower it or \
-                 raise batch_bytes_max",
-                mqtt.packet_bytes_max, config.topic_defaults.batch_bytes_max
-            ),
-        );
-    }
     if mqtt.session_expiry_ms_max / 1000 > u64::from(u32::MAX) {
         return fail(
             "mqtt.session_expiry_ms_max",
@@ -420,6 +419,15 @@ mod tests {
         let other = mapping.route("x/y", "c").map_err(|_| "refused")?;
         assert_eq!(other.topic, "mqtt");
         Ok(())
+    }
+
+    #[test]
+    fn the_packet_limit_is_lowered_to_fit_a_batch() {
+        let mqtt = MqttSection::default();
+        assert_eq!(mqtt.effective_packet_bytes_max(1 << 20), 256 << 10);
+        let small = mqtt.effective_packet_bytes_max(32 << 10);
+        assert_eq!(small, (32 << 10) - 256 - 128 - 1024);
+        assert_eq!(mqtt.session_config(32 << 10).packet_bytes_max, small);
     }
 
     #[test]

@@ -209,7 +209,7 @@ impl MqttConnection {
     }
 
     fn packet_bytes_max(&self) -> u32 {
-        self.shared.config.mqtt.packet_bytes_max
+        self.shared.mqtt.context.config.packet_bytes_max
     }
 }
 

@@ -137,7 +137,11 @@ impl fmt::Debug for MqttState {
 impl MqttState {
     /// Builds the state from the configuration and loads what is stored
     /// under `data_dir/mqtt/`.
-    pub fn open(data_dir: &Path, config: &MqttSection) -> anyhow::Result<MqttState> {
+    pub fn open(
+        data_dir: &Path,
+        config: &MqttSection,
+        batch_bytes_max: u64,
+    ) -> anyhow::Result<MqttState> {
         let mapping = config
             .mapping()
             .map_err(|error| anyhow::anyhow!("mqtt.rules: {error}"))?;
@@ -152,8 +156,17 @@ impl MqttState {
             tracing::info!(users = users.len(), file = %config.users_file, "MQTT users loaded");
             Box::new(users)
         };
+        let session_config = config.session_config(batch_bytes_max);
+        if session_config.packet_bytes_max < config.packet_bytes_max {
+            tracing::warn!(
+                packet_bytes_max = session_config.packet_bytes_max,
+                configured = config.packet_bytes_max,
+                batch_bytes_max,
+                "mqtt.packet_bytes_max lowered so that a record of the largest packet fits topic_defaults.batch_bytes_max"
+            );
+        }
         let context = Arc::new(ServerContext {
-            config: config.session_config(),
+            config: session_config,
             mapping,
             authenticator,
         });
