@@ -313,6 +313,15 @@ fn wills_go_out_on_an_unclean_disconnect_only() {
         ("wills/rude", &b"lost"[..]),
         "the clean disconnect sent no will"
     );
+    // The counter moves once the will's append is acknowledged, which
+    // may be just after the watcher saw it.
+    rill_tests::wait_until("the will in /metrics", DEADLINE, || {
+        rill_tests::http_get(broker.admin, "/metrics").is_ok_and(|(status, metrics)| {
+            status == 200
+                && metrics.contains("rill_mqtt_wills_published_total 1\n")
+                && metrics.contains("rill_mqtt_sessions_connected 1\n")
+        })
+    });
     watcher.disconnect();
 }
 

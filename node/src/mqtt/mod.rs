@@ -226,6 +226,88 @@ impl MqttState {
         })
     }
 
+    /// The MQTT lines of `/metrics` (Prometheus text format).
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let (live, stored) = {
+            let sessions = lock(&self.sessions);
+            (sessions.live.len(), sessions.stored.len())
+        };
+        let gauges = [
+            (
+                "rill_mqtt_sessions_connected",
+                "MQTT sessions with a connection.",
+                live,
+            ),
+            (
+                "rill_mqtt_sessions_stored",
+                "MQTT sessions stored (persistent).",
+                stored,
+            ),
+            (
+                "rill_mqtt_subscriptions",
+                "Subscriptions of connected MQTT sessions.",
+                lock(&self.index).len(),
+            ),
+            (
+                "rill_mqtt_retained_messages",
+                "Retained MQTT messages.",
+                lock(&self.retained).len(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
+        let stats = &self.stats;
+        let counters = [
+            (
+                "rill_mqtt_connections_accepted_total",
+                "MQTT connections accepted.",
+                &stats.connections_accepted,
+            ),
+            (
+                "rill_mqtt_publishes_received_total",
+                "MQTT PUBLISHes appended or tried.",
+                &stats.publishes_received,
+            ),
+            (
+                "rill_mqtt_packets_sent_total",
+                "MQTT packets sent.",
+                &stats.messages_sent,
+            ),
+            (
+                "rill_mqtt_append_failures_total",
+                "MQTT PUBLISHes whose append failed.",
+                &stats.append_failures,
+            ),
+            (
+                "rill_mqtt_retained_refused_total",
+                "Retained messages not kept (limits).",
+                &stats.retained_refused,
+            ),
+            (
+                "rill_mqtt_wills_published_total",
+                "MQTT wills published.",
+                &stats.wills_published,
+            ),
+            (
+                "rill_mqtt_sessions_expired_total",
+                "Stored MQTT sessions that expired.",
+                &stats.sessions_expired,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            let value = counter.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+    }
+
     pub(crate) fn next_connection_id(&self) -> u64 {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
     }
