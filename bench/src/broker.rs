@@ -33,6 +33,9 @@ pub struct BrokerProcess {
     /// The Kafka listener (free port), for Kafka-protocol scenarios.
     #[allow(dead_code)]
     pub kafka: String,
+    /// The MQTT listener (free port), for MQTT scenarios.
+    #[allow(dead_code)]
+    pub mqtt: String,
     pub admin: String,
 }
 
@@ -43,13 +46,15 @@ impl BrokerProcess {
         let native = format!("127.0.0.1:{}", free_port()?);
         let admin = format!("127.0.0.1:{}", free_port()?);
         let kafka = format!("127.0.0.1:{}", free_port()?);
+        let mqtt = format!("127.0.0.1:{}", free_port()?);
         let mut command = Command::new(rill_binary()?);
         command
             .arg("serve")
             .args(["--set", &format!("data_dir={}", data_dir.display())])
             .args(["--set", &format!("listeners.native={native}")])
             .args(["--set", &format!("listeners.admin={admin}")])
-            .args(["--set", &format!("listeners.kafka={kafka}")]);
+            .args(["--set", &format!("listeners.kafka={kafka}")])
+            .args(["--set", &format!("listeners.mqtt={mqtt}")]);
         for setting in settings {
             command.args(["--set", setting]);
         }
@@ -62,6 +67,7 @@ impl BrokerProcess {
             child,
             native,
             kafka,
+            mqtt,
             admin,
         };
         let started = Instant::now();

@@ -105,6 +105,7 @@ pub struct Broker {
     pub native: SocketAddr,
     pub kafka: SocketAddr,
     pub admin: SocketAddr,
+    pub mqtt: SocketAddr,
     pub data_dir: PathBuf,
     settings: Vec<String>,
     _temporary: Option<tempfile::TempDir>,
@@ -120,6 +121,7 @@ impl Broker {
             native: SocketAddr::from(([127, 0, 0, 1], free_port())),
             kafka: SocketAddr::from(([127, 0, 0, 1], free_port())),
             admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            mqtt: SocketAddr::from(([127, 0, 0, 1], free_port())),
             data_dir,
             settings: settings.iter().map(|setting| setting.to_string()).collect(),
             _temporary: Some(temporary),
@@ -163,7 +165,9 @@ impl Broker {
             .arg("--set")
             .arg(format!("listeners.kafka={}", self.kafka))
             .arg("--set")
-            .arg(format!("listeners.admin={}", self.admin));
+            .arg(format!("listeners.admin={}", self.admin))
+            .arg("--set")
+            .arg(format!("listeners.mqtt={}", self.mqtt));
         for setting in &self.settings {
             command.arg("--set").arg(setting);
         }

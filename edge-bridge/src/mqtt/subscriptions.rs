@@ -211,6 +211,21 @@ impl SubscriptionIndex {
             .unwrap_or_default()
     }
 
+    /// How many sessions share `$share/group/filter` (`filter` is the part
+    /// after the group).
+    pub fn shared_members(&self, group: &str, filter: &str) -> usize {
+        let mut node = &self.root;
+        for level in filter.split('/') {
+            match node.children.get(level) {
+                Some(child) => node = child,
+                None => return 0,
+            }
+        }
+        node.groups
+            .get(group)
+            .map_or(0, |members| members.members.len())
+    }
+
     /// Who receives a message on `topic` (a valid topic name) published by
     /// `publisher` (its client identifier, or `None` when it did not come
     /// over MQTT). Subscriptions with No Local do not match their own
@@ -358,6 +373,28 @@ mod tests {
             .iter()
             .map(|recipient| recipient.client_id.as_str())
             .collect()
+    }
+
+    #[test]
+    fn shared_members_count_each_group_of_a_filter() {
+        let mut index = index();
+        for (client, filter) in [
+            ("c1", "$share/g/a/+"),
+            ("c2", "$share/g/a/+"),
+            ("c3", "$share/h/a/+"),
+            ("c4", "a/+"),
+        ] {
+            assert!(
+                index
+                    .subscribe(client, filter, entry(QoS::AtMostOnce, None))
+                    .is_ok()
+            );
+        }
+        assert_eq!(index.shared_members("g", "a/+"), 2);
+        assert_eq!(index.shared_members("h", "a/+"), 1);
+        assert_eq!(index.shared_members("g", "a/#"), 0);
+        index.remove_client("c1");
+        assert_eq!(index.shared_members("g", "a/+"), 1);
     }
 
     #[test]
