@@ -27,7 +27,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::broker::BrokerProcess;
 use crate::native;
-use crate::report::Latency;
+use crate::native::LatencyFigures;
 use crate::storage::{RECORD_VALUE_BYTES, RECORDS_PER_BATCH, producer_batch};
 
 /// The environment variable whose value becomes librdkafka's `debug` setting.
@@ -97,13 +97,6 @@ pub struct Round {
     pub kafka_consume: Phase,
     /// Whether the page cache was dropped before each consume.
     pub cold: bool,
-}
-
-pub struct LatencyFigures {
-    pub offered_bytes_per_second: f64,
-    pub achieved_bytes_per_second: f64,
-    pub latency: Latency,
-    pub p999_us: f64,
 }
 
 pub struct Figures {
@@ -591,17 +584,10 @@ fn kafka_latency(
         .context("the latency producer has a histogram")?
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    let quantile = |value: f64| histogram.value_at_quantile(value) as f64;
-    Ok(LatencyFigures {
+    Ok(LatencyFigures::from_histogram(
+        &histogram,
         offered_bytes_per_second,
-        achieved_bytes_per_second: f64::from(sent) * record_bytes / elapsed.as_secs_f64(),
-        latency: Latency {
-            samples: histogram.len() as usize,
-            mean_us: histogram.mean(),
-            p50_us: quantile(0.5),
-            p99_us: quantile(0.99),
-            max_us: histogram.max() as f64,
-        },
-        p999_us: quantile(0.999),
-    })
+        f64::from(sent) * record_bytes,
+        elapsed,
+    ))
 }

@@ -178,6 +178,31 @@ pub struct LatencyFigures {
     pub p999_us: f64,
 }
 
+impl LatencyFigures {
+    /// The figures of a fixed-rate run: `histogram` in microseconds,
+    /// `sent_bytes` over `elapsed`.
+    pub fn from_histogram(
+        histogram: &Histogram<u64>,
+        offered_bytes_per_second: f64,
+        sent_bytes: f64,
+        elapsed: Duration,
+    ) -> Self {
+        let quantile = |value: f64| histogram.value_at_quantile(value) as f64;
+        Self {
+            offered_bytes_per_second,
+            achieved_bytes_per_second: sent_bytes / elapsed.as_secs_f64(),
+            latency: Latency {
+                samples: histogram.len() as usize,
+                mean_us: histogram.mean(),
+                p50_us: quantile(0.5),
+                p99_us: quantile(0.99),
+                max_us: histogram.max() as f64,
+            },
+            p999_us: quantile(0.999),
+        }
+    }
+}
+
 /// Durable produce (fsync every-batch, group commit) at a fixed offered rate:
 /// each batch has an intended send time on a fixed schedule, and its latency
 /// runs from that time to its acknowledgement.
@@ -239,21 +264,12 @@ pub fn durable_latency(
         collector
             .await
             .map_err(|_| anyhow::anyhow!("the acknowledgement collector failed"))??;
-        let elapsed = started.elapsed();
-        let histogram = histogram.borrow();
-        let quantile = |value: f64| histogram.value_at_quantile(value) as f64;
-        anyhow::Ok(LatencyFigures {
+        anyhow::Ok(LatencyFigures::from_histogram(
+            &histogram.borrow(),
             offered_bytes_per_second,
-            achieved_bytes_per_second: sent as f64 / elapsed.as_secs_f64(),
-            latency: Latency {
-                samples: histogram.len() as usize,
-                mean_us: histogram.mean(),
-                p50_us: quantile(0.5),
-                p99_us: quantile(0.99),
-                max_us: histogram.max() as f64,
-            },
-            p999_us: quantile(0.999),
-        })
+            sent as f64,
+            started.elapsed(),
+        ))
     })?;
     broker.stop()?;
     Ok(figures)

@@ -12,7 +12,6 @@ use rill_protocol::{Acks, Target};
 
 use crate::broker::BrokerProcess;
 use crate::native::{LatencyFigures, PRODUCE_WINDOW_BATCHES, connect};
-use crate::report::Latency;
 use crate::storage::{RECORDS_PER_BATCH, producer_batch};
 
 /// One produce run's shape.
@@ -176,21 +175,12 @@ pub fn end_to_end_latency(
         let (sent, read) = futures_util::future::join(writer, reader).await;
         let sent = sent?;
         read?;
-        let elapsed = started.elapsed();
-        let histogram = histogram.borrow();
-        let quantile = |value: f64| histogram.value_at_quantile(value) as f64;
-        anyhow::Ok(LatencyFigures {
+        anyhow::Ok(LatencyFigures::from_histogram(
+            &histogram.borrow(),
             offered_bytes_per_second,
-            achieved_bytes_per_second: sent as f64 / elapsed.as_secs_f64(),
-            latency: Latency {
-                samples: histogram.len() as usize,
-                mean_us: histogram.mean(),
-                p50_us: quantile(0.5),
-                p99_us: quantile(0.99),
-                max_us: histogram.max() as f64,
-            },
-            p999_us: quantile(0.999),
-        })
+            sent as f64,
+            started.elapsed(),
+        ))
     })?;
     broker.stop()?;
     Ok(figures)
