@@ -9,3 +9,4 @@
 //! replicator to central Kafka clusters come later.
 
 pub mod mqtt;
+pub mod replicator;
