@@ -10,4 +10,5 @@
 //! where to resume; [`client`] is the Kafka producer connection as a state
 //! machine (bytes in, frames and events out).
 
+pub mod batch;
 pub mod plan;
