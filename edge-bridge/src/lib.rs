@@ -10,3 +10,6 @@
 
 pub mod mqtt;
 pub mod replicator;
+mod stored;
+
+pub use stored::StoredDecodeError;
