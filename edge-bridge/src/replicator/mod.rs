@@ -12,3 +12,4 @@
 
 pub mod batch;
 pub mod plan;
+pub mod progress;
