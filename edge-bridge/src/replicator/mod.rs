@@ -11,5 +11,6 @@
 //! machine (bytes in, frames and events out).
 
 pub mod batch;
+pub mod client;
 pub mod plan;
 pub mod progress;
