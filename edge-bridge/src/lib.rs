@@ -5,7 +5,8 @@
 //! Today it holds MQTT 3.1.1 and 5.0 ([`mqtt`]): the packet codec and topic
 //! rules, and the server's pure parts on top of them (the per-connection
 //! session state machine, the topic mapping, the subscription index, the
-//! retained store, authentication). The upstream MQTT bridge and the
-//! replicator to central Kafka clusters come later.
+//! retained store, authentication), and the upstream MQTT bridge (Rill as
+//! a client of another broker). The replicator to central Kafka clusters
+//! comes later.
 
 pub mod mqtt;
