@@ -57,6 +57,12 @@ impl Mosquitto {
     }
 
     fn start() -> Mosquitto {
+        Mosquitto::start_with(|_| String::new())
+    }
+
+    /// Mosquitto with more configuration lines, written by `extra` with
+    /// the temporary directory at hand.
+    fn start_with(extra: impl FnOnce(&std::path::Path) -> String) -> Mosquitto {
         let directory = tempfile::tempdir().expect("temporary directory");
         let port = free_port();
         let store = directory.path().join("store");
@@ -70,12 +76,14 @@ impl Mosquitto {
             ""
         };
         let config = directory.path().join("mosquitto.conf");
+        let extra = extra(directory.path());
+        let anonymous = !extra.contains("password_file");
         std::fs::write(
             &config,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                "listener {port} 127.0.0.1\nallow_anonymous {anonymous}\npersistence true\n\
                  persistence_location {}/\nmax_queued_messages 0\n\
-                 max_inflight_messages {INFLIGHT_MAX}\n{keep_root}",
+                 max_inflight_messages {INFLIGHT_MAX}\n{keep_root}{extra}",
                 store.display()
             ),
         )
@@ -141,20 +149,27 @@ impl Drop for Mosquitto {
 
 /// A Rill broker whose bridge follows `sensors/#` on `mosquitto`.
 fn start_rill(mosquitto: &Mosquitto, version: &str) -> Broker {
-    Broker::start(&[
-        &format!(
+    start_rill_with(mosquitto, version, &[])
+}
+
+fn start_rill_with(mosquitto: &Mosquitto, version: &str, extra: &[&str]) -> Broker {
+    let mut settings = vec![
+        format!(
             r#"mqtt.rules=[{{filter="sensors/+/temperature", topic="{TOPIC}", key="level:1"}}]"#
         ),
-        "mqtt.bridge.enabled=true",
-        &format!("mqtt.bridge.address=127.0.0.1:{}", mosquitto.port),
-        &format!("mqtt.bridge.protocol_version={version}"),
-        r#"mqtt.bridge.filters=["sensors/#"]"#,
-        "mqtt.bridge.reconnect_backoff_ms_min=50",
-        "mqtt.bridge.reconnect_backoff_ms_max=500",
-        "mqtt.bridge.keep_alive_ms=5000",
+        "mqtt.bridge.enabled=true".into(),
+        format!("mqtt.bridge.address=127.0.0.1:{}", mosquitto.port),
+        format!("mqtt.bridge.protocol_version={version}"),
+        r#"mqtt.bridge.filters=["sensors/#"]"#.into(),
+        "mqtt.bridge.reconnect_backoff_ms_min=50".into(),
+        "mqtt.bridge.reconnect_backoff_ms_max=500".into(),
+        "mqtt.bridge.keep_alive_ms=5000".into(),
         // Mosquitto's own window for 3.1.1 clients (max_inflight_messages).
-        &format!("mqtt.bridge.inflight_max={INFLIGHT_MAX}"),
-    ])
+        format!("mqtt.bridge.inflight_max={INFLIGHT_MAX}"),
+    ];
+    settings.extend(extra.iter().map(|setting| setting.to_string()));
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    Broker::start(&settings)
 }
 
 /// The bridge's figures from `/metrics`.
@@ -349,10 +364,10 @@ fn qos_1_messages_published_upstream_land_in_the_mapped_topic_with_mqtt_headers(
 /// kills Rill, and only then lets the publisher go past the first half,
 /// so the second half waits in Mosquitto for the bridge's session.
 /// Restarts Rill once the publisher is done. Returns duplicates.
-fn rill_away_mid_stream(version: &str, crash: bool) -> usize {
+fn rill_away_mid_stream(version: &str, crash: bool, extra: &[&str]) -> usize {
     const TOTAL: usize = 600;
     let mosquitto = Mosquitto::start();
-    let mut broker = start_rill(&mosquitto, version);
+    let mut broker = start_rill_with(&mosquitto, version, extra);
     wait_connected(&broker, true);
     let published = Arc::new(AtomicUsize::new(0));
     let (away, gate) = std::sync::mpsc::channel::<()>();
@@ -400,7 +415,7 @@ fn rill_away_mid_stream(version: &str, crash: bool) -> usize {
 #[test]
 fn messages_published_while_rill_is_stopped_arrive_once_after_its_restart() {
     assert_eq!(
-        rill_away_mid_stream("5.0", false),
+        rill_away_mid_stream("5.0", false, &[]),
         0,
         "a clean stop acknowledges what it appended before it disconnects"
     );
@@ -408,7 +423,8 @@ fn messages_published_while_rill_is_stopped_arrive_once_after_its_restart() {
 
 #[test]
 fn messages_published_while_rill_is_killed_arrive_at_least_once_after_its_restart() {
-    let duplicates = rill_away_mid_stream("3.1.1", true);
+    // On the portable I/O driver: the bridge's sockets on the poll runtime.
+    let duplicates = rill_away_mid_stream("3.1.1", true, &["node.io_driver=portable"]);
     // Only what was appended and not yet acknowledged when Rill died can
     // come twice: at most the in-flight window.
     assert!(duplicates <= INFLIGHT_MAX, "{duplicates} duplicates");
@@ -458,5 +474,58 @@ fn the_bridge_reconnects_after_mosquitto_restarts_and_loses_nothing() {
             .filter(|value| !expected(0..300).contains(*value))
             .collect();
         assert!(late.is_empty(), "duplicated after the restart: {late:?}");
+    }
+}
+
+#[test]
+fn the_bridge_logs_in_with_the_password_from_its_file_and_retries_a_refusal() {
+    let mosquitto = Mosquitto::start_with(|directory| {
+        let passwords = directory.join("passwords");
+        let status = Command::new("mosquitto_passwd")
+            .arg("-b")
+            .arg("-c")
+            .arg(&passwords)
+            .args(["rill", "s3cret"])
+            .status()
+            .unwrap_or_else(|error| {
+                panic!("mosquitto_passwd (Debian package `mosquitto`) did not run: {error}")
+            });
+        assert!(status.success(), "mosquitto_passwd failed");
+        format!("password_file {}\n", passwords.display())
+    });
+    let secrets = tempfile::tempdir().expect("temporary directory");
+    let right = secrets.path().join("right");
+    let wrong = secrets.path().join("wrong");
+    std::fs::write(&right, "s3cret\n").expect("password file");
+    std::fs::write(&wrong, "guess\n").expect("password file");
+
+    for version in ["3.1.1", "5.0"] {
+        let refused = start_rill_with(
+            &mosquitto,
+            version,
+            &[
+                "mqtt.bridge.username=rill",
+                &format!("mqtt.bridge.password_file={}", wrong.display()),
+            ],
+        );
+        wait_until("the refused bridge to retry", DEADLINE, || {
+            bridge_metrics(&refused)
+                .get("rill_mqtt_bridge_reconnects_total")
+                .is_some_and(|reconnects| *reconnects >= 2)
+        });
+        let metrics = bridge_metrics(&refused);
+        assert_eq!(metrics.get("rill_mqtt_bridge_connected"), Some(&0));
+        assert_eq!(metrics.get("rill_mqtt_bridge_connections_total"), Some(&0));
+        drop(refused);
+
+        let accepted = start_rill_with(
+            &mosquitto,
+            version,
+            &[
+                "mqtt.bridge.username=rill",
+                &format!("mqtt.bridge.password_file={}", right.display()),
+            ],
+        );
+        wait_connected(&accepted, true);
     }
 }
