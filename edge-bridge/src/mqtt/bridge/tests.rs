@@ -946,3 +946,46 @@ fn bytes_split_anywhere_decode_the_same() {
     assert_eq!(append.len(), 1);
     assert_eq!(append[0].value.as_ref(), b"split");
 }
+
+proptest::proptest! {
+    /// Whatever the upstream broker sends, in whatever pieces, before or
+    /// after CONNACK, the bridge neither panics nor buffers more than a
+    /// packet and a read, and appends only on an accepted connection.
+    #[test]
+    fn any_bytes_from_upstream_are_handled(
+        chunks in proptest::collection::vec(
+            proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            0..32,
+        ),
+        v5 in proptest::bool::ANY,
+        accepted in proptest::bool::ANY,
+    ) {
+        let version = if v5 { V5 } else { V311 };
+        let mut bridge = new_bridge(version);
+        if accepted {
+            connected_at(&mut bridge, false, 0);
+        } else {
+            bridge.start(0);
+            bridge.handle_connected(0);
+        }
+        let mut now = 0;
+        for chunk in chunks {
+            now += 10;
+            let connected_before = bridge.is_connected();
+            let actions = bridge.handle_bytes(&chunk, now);
+            let appended = actions
+                .iter()
+                .any(|action| matches!(action, Action::Append(_)));
+            proptest::prop_assert!(!appended || connected_before || bridge.stats().connections > 0);
+            proptest::prop_assert!(bridge.buffer.len() <= (1 << 20) + 64);
+            for action in appends(&actions) {
+                bridge.handle_append_result(action.token, Ok(()), now);
+            }
+            for action in bridge.handle_tick(now) {
+                if let Action::Connect { .. } = action {
+                    bridge.handle_connected(now);
+                }
+            }
+        }
+    }
+}
