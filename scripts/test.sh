@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests use. Empty today; later suites add peers here
-# (mosquitto, kcat, ...). Installed only when missing, so reruns are quick.
-debian_packages=()
+# Debian packages the tests use: peers the suites run against (mosquitto
+# for the MQTT bridge). Installed only when missing, so reruns are quick.
+debian_packages=(mosquitto)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -5,10 +5,10 @@
 //! It holds MQTT 3.1.1 and 5.0 ([`mqtt`]): the packet codec and topic
 //! rules, and the server's pure parts on top of them (the per-connection
 //! session state machine, the topic mapping, the subscription index, the
-//! retained store, authentication); and the replicator to central Kafka
-//! clusters ([`replicator`]): what to mirror and how fast, the uplink's
-//! record batches, progress and reconciliation, and the Kafka producer
-//! connection. The upstream MQTT bridge comes later.
+//! retained store, authentication) and the upstream MQTT bridge (Rill as a
+//! client of another broker); and the replicator to central Kafka clusters
+//! ([`replicator`]): what to mirror and how fast, the uplink's record
+//! batches, progress and reconciliation, and the Kafka producer connection.
 
 pub mod mqtt;
 pub mod replicator;

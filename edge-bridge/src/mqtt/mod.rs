@@ -15,9 +15,11 @@
 //! (its module documentation is the node's contract), [`mapping`] maps
 //! MQTT topics to Rill topics and back, [`subscriptions`] and [`retained`]
 //! are the broker-wide index and store the node owns, and [`auth`] decides
-//! who connects.
+//! who connects. [`bridge`] is the client side: Rill subscribed to an
+//! upstream broker, appending what it delivers through the same mapping.
 
 pub mod auth;
+pub mod bridge;
 mod codec;
 mod error;
 pub mod mapping;

@@ -563,6 +563,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         &config.mqtt,
         config.topic_defaults.batch_bytes_max,
     )?;
+    let bridge = crate::mqtt::bridge::prepare(&config)?;
     let native = bind_listener(config.listeners.native, "native", "listeners.native")?;
     native.set_nonblocking(true)?;
     let kafka = bind_listener(config.listeners.kafka, "Kafka", "listeners.kafka")?;
@@ -638,7 +639,17 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 .context("starting a shard thread")?,
         );
     }
+    // Its appends go through the shards' inboxes, served once they run.
     let mut failure = None;
+    let bridge = match bridge.map(|bridge| crate::mqtt::bridge::spawn(shared.clone(), bridge)) {
+        Some(Ok(thread)) => Some(thread),
+        Some(Err(error)) => {
+            shared.begin_shutdown();
+            failure = Some(error);
+            None
+        }
+        None => None,
+    };
     for thread in threads {
         match thread.join() {
             Ok(Ok(())) => {}
@@ -651,6 +662,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 failure.get_or_insert(anyhow::anyhow!("a shard thread panicked"));
             }
         }
+    }
+    if let Some(bridge) = bridge
+        && bridge.join().is_err()
+    {
+        failure.get_or_insert(anyhow::anyhow!("the MQTT bridge thread panicked"));
     }
     match failure {
         Some(error) => Err(error),

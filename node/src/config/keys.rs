@@ -22,6 +22,7 @@ pub(crate) const SECTIONS: &[&str] = &[
     "tls",
     "kafka",
     "mqtt",
+    "mqtt.bridge",
 ];
 
 /// `RILL_` variables that are not configuration keys but belong to Rill
@@ -54,6 +55,8 @@ pub(crate) enum Kind {
     Profile,
     /// An array of tables (`[[mqtt.rules]]`).
     Rules,
+    /// An array of MQTT topic filters.
+    Filters,
 }
 
 impl Kind {
@@ -82,6 +85,9 @@ impl Kind {
                 "an array of tables with filter, topic and key ({})",
                 super::MqttKeySetting::EXPECTED
             ),
+            Self::Filters => {
+                "an array of MQTT topic filters as strings, such as [\"sensors/#\"]".into()
+            }
         }
     }
 }
@@ -516,6 +522,84 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         Kind::Rules,
         "[[mqtt.rules]]",
         "Mapping rules in order: `filter` (MQTT filter), `topic` (Rill topic), `key` (`level:N`, `topic`, `client-id` or `none`).",
+    ),
+    key(
+        "mqtt.bridge.enabled",
+        Kind::Switch,
+        "true/false",
+        "Run the upstream MQTT bridge: subscribe to another broker and append what it delivers through `mqtt.rules` (docs/mqtt.md).",
+    ),
+    key(
+        "mqtt.bridge.address",
+        Kind::Address,
+        "host:port",
+        "The upstream MQTT broker, for example a Mosquitto on the gateway.",
+    ),
+    key(
+        "mqtt.bridge.protocol_version",
+        Kind::Choice(super::BridgeProtocolSetting::NAMES),
+        "5.0 | 3.1.1",
+        "MQTT version the bridge speaks to the upstream broker.",
+    ),
+    key(
+        "mqtt.bridge.client_id",
+        Kind::Text,
+        "text",
+        "Client identifier of the bridge's persistent session upstream; no other client of that broker may use it.",
+    ),
+    key(
+        "mqtt.bridge.username",
+        Kind::Text,
+        "text",
+        "User name for the upstream broker. Empty: none.",
+    ),
+    key(
+        "mqtt.bridge.password_file",
+        Kind::Path,
+        "path",
+        "File holding the upstream broker's password (a final line break is dropped). Empty: none.",
+    ),
+    key(
+        "mqtt.bridge.filters",
+        Kind::Filters,
+        "[\"filter\", ...]",
+        "MQTT topic filters subscribed upstream at QoS 1; at least one when enabled.",
+    ),
+    key(
+        "mqtt.bridge.keep_alive_ms",
+        Kind::Milliseconds,
+        "ms",
+        "Keep alive asked in CONNECT (whole seconds); 0 = none.",
+    ),
+    key(
+        "mqtt.bridge.session_expiry_ms",
+        Kind::Milliseconds,
+        "ms",
+        "MQTT 5.0 session expiry asked of the upstream broker (whole seconds, at least 1 s): how long it queues for the bridge while Rill is away.",
+    ),
+    key(
+        "mqtt.bridge.connect_timeout_ms",
+        Kind::Milliseconds,
+        "ms",
+        "Longest from opening the connection to an accepted CONNACK.",
+    ),
+    key(
+        "mqtt.bridge.inflight_max",
+        Kind::Count,
+        "count",
+        "Messages being appended at once; the bridge stops reading at it (sent as Receive Maximum under 5.0; 1 to 65535).",
+    ),
+    key(
+        "mqtt.bridge.reconnect_backoff_ms_min",
+        Kind::Milliseconds,
+        "ms",
+        "Wait before the first reconnect after a failure (at least 1).",
+    ),
+    key(
+        "mqtt.bridge.reconnect_backoff_ms_max",
+        Kind::Milliseconds,
+        "ms",
+        "Longest wait between reconnects: failures in a row double the wait up to it, with jitter; a connection that lived this long resets it.",
     ),
 ];
 

@@ -4,6 +4,7 @@
 //! checked, with every error naming the key and the file line, variable or
 //! argument it came from. docs/config.md documents every key.
 
+mod bridge;
 mod detect;
 mod error;
 mod keys;
@@ -27,6 +28,7 @@ use crate::io::IoDriverSetting;
 use layers::Leaf;
 use values::{io_driver, socket_address, zero_is_none};
 
+pub use bridge::{BridgeProtocolSetting, MqttBridgeSection};
 pub use detect::{Detection, DiskFact, DiskKind, MachineFacts, detect};
 pub use error::{ConfigError, Origin};
 pub use keys::{KeyDoc, NON_CONFIG_VARIABLES, documented_keys, environment_variable};

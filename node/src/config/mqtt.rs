@@ -137,6 +137,8 @@ pub struct MqttSection {
     pub unmatched: UnmatchedSetting,
     pub catch_all_topic: String,
     pub rules: Vec<MqttRuleSetting>,
+    /// `[mqtt.bridge]`: the upstream bridge, which uses the rules too.
+    pub bridge: super::bridge::MqttBridgeSection,
 }
 
 impl Default for MqttSection {
@@ -163,6 +165,7 @@ impl Default for MqttSection {
             unmatched: UnmatchedSetting::CatchAll,
             catch_all_topic: "mqtt".into(),
             rules: Vec::new(),
+            bridge: Default::default(),
         }
     }
 }
@@ -382,7 +385,7 @@ pub(crate) fn validate(
                 .into(),
         );
     }
-    Ok(())
+    super::bridge::validate(config, fail)
 }
 
 #[cfg(test)]

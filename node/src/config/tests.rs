@@ -748,12 +748,21 @@ fn documented_keys_cover_exactly_the_configuration() -> TestResult {
     let documented: Vec<&str> = documented_keys().iter().map(|doc| doc.key).collect();
     let mut leaves = Vec::new();
     let defaults = toml::Table::try_from(Config::default())?;
-    for (key, value) in &defaults {
-        match value.as_table() {
-            Some(section) => leaves.extend(section.keys().map(|inner| format!("{key}.{inner}"))),
-            None => leaves.push(key.clone()),
+    // Sections hold keys and sub-sections (`[mqtt.bridge]`).
+    fn walk(table: &toml::Table, prefix: &str, leaves: &mut Vec<String>) {
+        for (key, value) in table {
+            let dotted = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value.as_table() {
+                Some(inner) => walk(inner, &dotted, leaves),
+                None => leaves.push(dotted),
+            }
         }
     }
+    walk(&defaults, "", &mut leaves);
     let mut sorted_documented = documented.clone();
     sorted_documented.sort_unstable();
     leaves.sort_unstable();

@@ -27,7 +27,10 @@
 //!   records from any protocol (MQTT, native, Kafka) are delivered alike.
 //!   The price is one read of a partition per subscribed session, which
 //!   suits an edge box's handful of subscribers.
+//! - `bridge`: the upstream MQTT bridge (Rill as a client of another
+//!   broker), on a thread of its own, appending through the same mapping.
 
+pub(crate) mod bridge;
 mod connection;
 mod delivery;
 mod executor;
@@ -119,6 +122,8 @@ pub struct MqttState {
     retained_files: store::Directory,
     next_connection: AtomicU64,
     pub stats: MqttStats,
+    /// The upstream bridge's figures (`bridge`).
+    pub bridge: bridge::BridgeMetrics,
 }
 
 impl fmt::Debug for MqttState {
@@ -223,6 +228,7 @@ impl MqttState {
             // Unique across restarts: the start time, then a counter.
             next_connection: AtomicU64::new(started_ms.wrapping_mul(1 << 20)),
             stats: MqttStats::default(),
+            bridge: bridge::BridgeMetrics::default(),
         })
     }
 
@@ -306,6 +312,7 @@ impl MqttState {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
+        self.bridge.render(out);
     }
 
     pub(crate) fn next_connection_id(&self) -> u64 {
