@@ -3,6 +3,9 @@
 //! a signal or kill it, and talk HTTP to its admin listener.
 //!
 //! Waiting is always polling a condition with a deadline, never a bare sleep.
+//! [`proxy`] puts a controllable TCP hop between a client and the broker.
+
+pub mod proxy;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
