@@ -37,7 +37,7 @@ use super::{
 use crate::io::build_runtime;
 
 /// A future that completes when this shard starts shutting down.
-type ShutdownSignal = SharedFuture<oneshot::Receiver<()>>;
+pub(crate) type ShutdownSignal = SharedFuture<oneshot::Receiver<()>>;
 
 /// How long a stopping shard waits for its connections to finish in-flight requests.
 const SHUTDOWN_GRACE_MS: u64 = 10_000;
@@ -149,7 +149,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stopped: Shutdo
             continue;
         }
         let connection = Connection::new(shared.clone(), peer);
-        compio::runtime::spawn(connection.serve(stream, stopped.clone())).detach();
+        compio::runtime::spawn(serve_connection(connection, stream, stopped.clone())).detach();
     }
 }
 
@@ -182,8 +182,8 @@ fn error_frame(correlation_id: u32, error: &OpError) -> Vec<u8> {
 /// and wakes the reader when one ends. A client that stops reading its
 /// answers therefore stops being read: memory stays bounded.
 #[derive(Default)]
-struct InFlight {
-    count: Cell<u32>,
+pub(crate) struct InFlight {
+    pub(crate) count: Cell<u32>,
     closed: Cell<bool>,
     waiter: RefCell<Option<oneshot::Sender<()>>>,
 }
@@ -195,7 +195,7 @@ impl InFlight {
         }
     }
 
-    fn finish(&self, requests: u32) {
+    pub(crate) fn finish(&self, requests: u32) {
         self.count.set(self.count.get().saturating_sub(requests));
         self.wake();
     }
@@ -207,7 +207,7 @@ impl InFlight {
         self.wake();
     }
 
-    async fn below(&self, limit: u32) {
+    pub(crate) async fn below(&self, limit: u32) {
         while self.count.get() >= limit && !self.closed.get() {
             let (sender, receiver) = oneshot::channel();
             *self.waiter.borrow_mut() = Some(sender);
@@ -234,7 +234,7 @@ impl Drop for Connection {
 
 /// What the writer task sends: a whole frame, or a frame header followed by
 /// a large payload written without copying the two together.
-enum Outgoing {
+pub(crate) enum Outgoing {
     Frame(Vec<u8>),
     HeaderAndPayload(Vec<u8>, Vec<u8>),
     /// Nothing to answer, but TLS has handshake or alert bytes to send.
@@ -262,7 +262,7 @@ impl Outgoing {
 
 /// Queues an answer for the writer, counting its bytes against the broker's
 /// buffer budget until the writer takes it. Returns whether it was queued.
-fn queue_answer(
+pub(crate) fn queue_answer(
     writer: &mpsc::UnboundedSender<Answer>,
     budget: &super::BufferBudget,
     item: Outgoing,
@@ -341,9 +341,9 @@ use crate::tls::{TlsSession, encrypt};
 const COALESCE_BYTES_MAX: usize = 256 * 1024;
 
 /// An answer for the writer, and whether it ends a counted request.
-type Answer = (Outgoing, bool);
+pub(crate) type Answer = (Outgoing, bool);
 
-async fn write_loop(
+pub(crate) async fn write_loop(
     stream: TcpStream,
     outgoing: mpsc::UnboundedReceiver<Answer>,
     in_flight: Rc<InFlight>,
@@ -371,7 +371,7 @@ type AnswerStream<'a> = std::pin::Pin<Box<dyn futures_util::Stream<Item = Answer
 
 /// Reads file ranges into one buffer through the shard's I/O driver (one
 /// large read per range).
-async fn read_ranges_async(ranges: Vec<SendRange>) -> std::io::Result<Vec<u8>> {
+pub(crate) async fn read_ranges_async(ranges: Vec<SendRange>) -> std::io::Result<Vec<u8>> {
     use compio::buf::{IntoInner, IoBuf};
     use compio::io::AsyncReadAt;
     use std::os::fd::{FromRawFd, IntoRawFd};
@@ -534,155 +534,190 @@ async fn flush_pending(
     true
 }
 
-impl Connection {
-    fn new(shared: Arc<Shared>, peer: SocketAddr) -> Self {
-        let view = shared.topics.snapshot();
-        Self {
-            shared,
-            peer,
-            writer: None,
-            in_flight: Rc::new(InFlight::default()),
-            view,
-            handshaken: false,
-            next_partition: Cell::new(0),
-        }
-    }
 
-    fn send_frame(&self, frame: Vec<u8>) {
-        if let Some(writer) = &self.writer {
-            queue_answer(writer, &self.shared.buffers, Outgoing::Frame(frame), false);
-        }
-    }
+/// What a wire protocol plugs into [`serve_connection`].
+pub(crate) trait FrameHandler {
+    fn shared(&self) -> &Arc<Shared>;
+    fn peer(&self) -> SocketAddr;
+    fn in_flight(&self) -> &Rc<InFlight>;
+    fn writer(&self) -> Option<&mpsc::UnboundedSender<Answer>>;
+    fn set_writer(&mut self, writer: Option<mpsc::UnboundedSender<Answer>>);
+    /// Splits the first whole frame off `buffer`: its body and the bytes it used.
+    fn split(buffer: &[u8], frame_bytes_max: u32)
+    -> Result<Option<(&[u8], usize)>, FrameError>;
+    /// The whole length of the frame `buffer` starts with, once its prefix is in.
+    fn declared_length(buffer: &[u8]) -> Option<usize>;
+    /// Answers a frame that cannot be read; the connection closes after it.
+    fn reject(&self, error: &FrameError);
+    /// Handles one frame. Returns `false` when the connection must close.
+    async fn handle_frame(&mut self, body: &[u8]) -> bool;
+}
 
-    async fn serve(mut self, stream: TcpStream, stopped: ShutdownSignal) {
-        let _ = stream.set_nodelay(true);
-        let tls = match &self.shared.tls {
-            Some(config) => match rustls::ServerConnection::new(config.clone()) {
-                Ok(mut session) => {
-                    // In-flight limits bound what is buffered, not rustls.
-                    session.set_buffer_limit(None);
-                    Some(Rc::new(RefCell::new(rustls::Connection::Server(session))))
-                }
-                Err(error) => {
-                    tracing::warn!(peer = %self.peer, %error, "TLS session could not start");
-                    return;
-                }
-            },
-            None => None,
-        };
-        let (writer, frames) = mpsc::unbounded();
-        self.writer = Some(writer);
-        let writer_task = compio::runtime::spawn(write_loop(
-            stream.clone(),
-            frames,
-            self.in_flight.clone(),
-            tls.clone(),
-            self.shared.clone(),
-        ));
-        let mut reader = stream;
-        let limits = &self.shared.config.limits;
-        let frame_bytes_max = limits.frame_bytes_max;
-        let in_flight_max = limits.requests_in_flight_max.max(1);
-        let mut buffer: Vec<u8> = Vec::with_capacity(READ_BUFFER_BYTES);
-        // The read buffer's capacity counts against the broker's buffer budget.
-        let shared = self.shared.clone();
-        let budget = &shared.buffers;
-        let mut accounted = buffer.capacity() as u64;
-        budget.take(accounted);
-        let account = |buffer: &Vec<u8>, accounted: &mut u64| {
-            let now = buffer.capacity() as u64;
-            if now > *accounted {
-                budget.take(now - *accounted);
-            } else {
-                budget.give_back(*accounted - now);
+/// Serves one connection of any wire protocol: reads frames, hands each to
+/// the protocol's handler in arrival order, and bounds what is buffered by
+/// the requests in flight and the broker-wide buffer budget.
+pub(crate) async fn serve_connection<H: FrameHandler>(
+mut handler: H,
+stream: TcpStream,
+stopped: ShutdownSignal,
+) {
+    let _ = stream.set_nodelay(true);
+    let tls = match &handler.shared().tls {
+        Some(config) => match rustls::ServerConnection::new(config.clone()) {
+            Ok(mut session) => {
+                // In-flight limits bound what is buffered, not rustls.
+                session.set_buffer_limit(None);
+                Some(Rc::new(RefCell::new(rustls::Connection::Server(session))))
             }
-            *accounted = now;
-        };
-        'connection: loop {
-            let mut consumed = 0;
-            loop {
-                match split_frame(&buffer[consumed..], frame_bytes_max) {
-                    Ok(Some((body, used))) => {
-                        consumed += used;
-                        // Frames already read wait too: the limits hold per request.
-                        self.in_flight.below(in_flight_max).await;
-                        // Over the broker-wide budget a connection keeps at most
-                        // one request in flight, so stalled clients holding the
-                        // budget cannot starve everyone else.
-                        while budget.exceeded()
-                            && self.in_flight.count.get() > 0
-                            && !shared.is_shutting_down()
-                        {
-                            compio::time::sleep(Duration::from_millis(BUDGET_RECHECK_MS)).await;
-                        }
-                        if !self.handle_frame(body).await {
-                            break 'connection;
-                        }
+            Err(error) => {
+                tracing::warn!(peer = %handler.peer(), %error, "TLS session could not start");
+                return;
+            }
+        },
+        None => None,
+    };
+    let (writer, frames) = mpsc::unbounded();
+    handler.set_writer(Some(writer));
+    let writer_task = compio::runtime::spawn(write_loop(
+        stream.clone(),
+        frames,
+        handler.in_flight().clone(),
+        tls.clone(),
+        handler.shared().clone(),
+    ));
+    let writer_for_flush = handler.writer().cloned();
+    let mut reader = stream;
+    let limits = &handler.shared().config.limits;
+    let frame_bytes_max = limits.frame_bytes_max;
+    let in_flight_max = limits.requests_in_flight_max.max(1);
+    let mut buffer: Vec<u8> = Vec::with_capacity(READ_BUFFER_BYTES);
+    // The read buffer's capacity counts against the broker's buffer budget.
+    let shared = handler.shared().clone();
+    let budget = &shared.buffers;
+    let mut accounted = buffer.capacity() as u64;
+    budget.take(accounted);
+    let account = |buffer: &Vec<u8>, accounted: &mut u64| {
+        let now = buffer.capacity() as u64;
+        if now > *accounted {
+            budget.take(now - *accounted);
+        } else {
+            budget.give_back(*accounted - now);
+        }
+        *accounted = now;
+    };
+    'connection: loop {
+        let mut consumed = 0;
+        loop {
+            match H::split(&buffer[consumed..], frame_bytes_max) {
+                Ok(Some((body, used))) => {
+                    consumed += used;
+                    // Frames already read wait too: the limits hold per request.
+                    handler.in_flight().below(in_flight_max).await;
+                    // Over the broker-wide budget a connection keeps at most
+                    // one request in flight, so stalled clients holding the
+                    // budget cannot starve everyone else.
+                    while budget.exceeded()
+                        && handler.in_flight().count.get() > 0
+                        && !shared.is_shutting_down()
+                    {
+                        compio::time::sleep(Duration::from_millis(BUDGET_RECHECK_MS)).await;
                     }
-                    Ok(None) => break,
-                    Err(error) => {
-                        self.reject(&error);
+                    if !handler.handle_frame(body).await {
                         break 'connection;
                     }
                 }
-            }
-            buffer.drain(..consumed);
-            self.in_flight.below(in_flight_max).await;
-            if self.shared.is_shutting_down() {
-                break;
-            }
-            // Room for the rest of the frame being read (bounded by frame_bytes_max).
-            let wanted = match buffer.len() {
-                length if length >= 4 => {
-                    let declared =
-                        u32::from_le_bytes([buffer[0], buffer[1], buffer[2], buffer[3]]) as usize;
-                    (declared + 4).saturating_sub(length).max(4096)
+                Ok(None) => break,
+                Err(error) => {
+                    handler.reject(&error);
+                    break 'connection;
                 }
-                _ => READ_BUFFER_BYTES,
-            };
-            buffer.reserve(wanted);
-            account(&buffer, &mut accounted);
-            // Over the broker-wide budget, read nothing new while answers of
-            // this connection are pending.
-            while budget.exceeded() && self.in_flight.count.get() > 0 && !shared.is_shutting_down()
-            {
-                compio::time::sleep(Duration::from_millis(BUDGET_RECHECK_MS)).await;
-            }
-            let read = select(
-                Box::pin(crate::tls::read_plaintext(
-                    &mut reader,
-                    tls.as_ref(),
-                    || {
-                        if let Some(writer) = &self.writer {
-                            let _ = writer.unbounded_send((Outgoing::Flush, false));
-                        }
-                    },
-                    std::mem::take(&mut buffer),
-                )),
-                stopped.clone(),
-            )
-            .await;
-            match read {
-                Either::Left((compio::BufResult(result, returned), _)) => {
-                    buffer = returned;
-                    match result {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                }
-                Either::Right(_) => break,
-            }
-            if buffer.capacity() > 4 * READ_BUFFER_BYTES && buffer.len() < READ_BUFFER_BYTES {
-                buffer.shrink_to(READ_BUFFER_BYTES);
-                account(&buffer, &mut accounted);
             }
         }
-        budget.give_back(accounted);
-        drop(buffer);
-        // Finish what is in flight, then let the writer drain and close.
-        self.in_flight.below(1).await;
-        self.writer = None;
-        let _ = writer_task.await;
+        buffer.drain(..consumed);
+        handler.in_flight().below(in_flight_max).await;
+        if shared.is_shutting_down() {
+            break;
+        }
+        // Room for the rest of the frame being read (bounded by frame_bytes_max).
+        let wanted = match H::declared_length(&buffer) {
+            Some(declared) => declared.saturating_sub(buffer.len()).max(4096),
+            None => READ_BUFFER_BYTES,
+        };
+        buffer.reserve(wanted);
+        account(&buffer, &mut accounted);
+        // Over the broker-wide budget, read nothing new while answers of
+        // this connection are pending.
+        while budget.exceeded() && handler.in_flight().count.get() > 0 && !shared.is_shutting_down()
+        {
+            compio::time::sleep(Duration::from_millis(BUDGET_RECHECK_MS)).await;
+        }
+        let read = select(
+            Box::pin(crate::tls::read_plaintext(
+                &mut reader,
+                tls.as_ref(),
+                || {
+                    if let Some(writer) = writer_for_flush.as_ref() {
+                        let _ = writer.unbounded_send((Outgoing::Flush, false));
+                    }
+                },
+                std::mem::take(&mut buffer),
+            )),
+            stopped.clone(),
+        )
+        .await;
+        match read {
+            Either::Left((compio::BufResult(result, returned), _)) => {
+                buffer = returned;
+                match result {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            Either::Right(_) => break,
+        }
+        if buffer.capacity() > 4 * READ_BUFFER_BYTES && buffer.len() < READ_BUFFER_BYTES {
+            buffer.shrink_to(READ_BUFFER_BYTES);
+            account(&buffer, &mut accounted);
+        }
+    }
+    budget.give_back(accounted);
+    drop(buffer);
+    // Finish what is in flight, then let the writer drain and close.
+    handler.in_flight().below(1).await;
+    handler.set_writer(None);
+drop(writer_for_flush);
+    let _ = writer_task.await;
+}
+
+
+impl FrameHandler for Connection {
+    fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn in_flight(&self) -> &Rc<InFlight> {
+        &self.in_flight
+    }
+
+    fn writer(&self) -> Option<&mpsc::UnboundedSender<Answer>> {
+        self.writer.as_ref()
+    }
+
+    fn set_writer(&mut self, writer: Option<mpsc::UnboundedSender<Answer>>) {
+        self.writer = writer;
+    }
+
+    fn split(buffer: &[u8], frame_bytes_max: u32) -> Result<Option<(&[u8], usize)>, FrameError> {
+        split_frame(buffer, frame_bytes_max)
+    }
+
+    fn declared_length(buffer: &[u8]) -> Option<usize> {
+        let prefix: [u8; 4] = buffer.get(..4)?.try_into().ok()?;
+        Some(u32::from_le_bytes(prefix) as usize + 4)
     }
 
     fn reject(&self, error: &FrameError) {
@@ -811,6 +846,27 @@ impl Connection {
         }
         true
     }
+}
+
+impl Connection {
+    fn new(shared: Arc<Shared>, peer: SocketAddr) -> Self {
+        let view = shared.topics.snapshot();
+        Self {
+            shared,
+            peer,
+            writer: None,
+            in_flight: Rc::new(InFlight::default()),
+            view,
+            handshaken: false,
+            next_partition: Cell::new(0),
+        }
+    }
+
+    fn send_frame(&self, frame: Vec<u8>) {
+        if let Some(writer) = &self.writer {
+            queue_answer(writer, &self.shared.buffers, Outgoing::Frame(frame), false);
+        }
+    }
 
     /// Resolves the partition and queues the append at its owner, in arrival order.
     async fn dispatch_produce(
@@ -926,7 +982,7 @@ fn reply_owned(response: impl FnOnce() -> Response<'static> + 'static) -> FrameB
     Box::new(move |correlation_id| Outgoing::Frame(response_frame(correlation_id, response(), &[])))
 }
 
-fn topic_meta(view: &TopicView, topic: &str) -> Result<TopicMeta, OpError> {
+pub(crate) fn topic_meta(view: &TopicView, topic: &str) -> Result<TopicMeta, OpError> {
     view.table.get(topic).cloned().ok_or_else(|| {
         OpError::new(
             ErrorCode::UnknownTopic,
@@ -935,7 +991,7 @@ fn topic_meta(view: &TopicView, topic: &str) -> Result<TopicMeta, OpError> {
     })
 }
 
-fn owner_of(
+pub(crate) fn owner_of(
     shared: &Shared,
     view: &TopicView,
     topic: &str,
@@ -986,16 +1042,16 @@ async fn topic_infos(
 }
 
 /// A fetch as the connection hands it to the owning shard.
-struct FetchRequest {
-    owner: usize,
-    key: (String, u32),
-    offset: i64,
-    max_bytes: u64,
-    min_bytes: u64,
-    max_wait: Duration,
+pub(crate) struct FetchRequest {
+    pub owner: usize,
+    pub key: (String, u32),
+    pub offset: i64,
+    pub max_bytes: u64,
+    pub min_bytes: u64,
+    pub max_wait: Duration,
 }
 
-async fn fetch_with_wait(shared: &Shared, request: FetchRequest) -> Result<FetchData, OpError> {
+pub(crate) async fn fetch_with_wait(shared: &Shared, request: FetchRequest) -> Result<FetchData, OpError> {
     let FetchRequest {
         owner,
         key,

@@ -12,6 +12,7 @@ pub mod connection;
 pub mod errors;
 pub mod groups;
 pub mod metrics;
+pub mod producers;
 pub mod shard;
 pub mod topics;
 

@@ -20,6 +20,7 @@ pub(crate) const SECTIONS: &[&str] = &[
     "topics",
     TOPIC_SECTION,
     "tls",
+    "kafka",
 ];
 
 /// `RILL_` variables that are not configuration keys but belong to Rill
@@ -47,6 +48,7 @@ pub(crate) enum Kind {
     Switch,
     Address,
     Path,
+    Text,
     Choice(&'static [&'static str]),
     Profile,
 }
@@ -57,7 +59,7 @@ impl Kind {
     fn is_text(self) -> bool {
         matches!(
             self,
-            Self::Address | Self::Path | Self::Choice(_) | Self::Profile
+            Self::Address | Self::Path | Self::Text | Self::Choice(_) | Self::Profile
         )
     }
 
@@ -70,6 +72,7 @@ impl Kind {
             Self::Switch => "true or false".into(),
             Self::Address => "an address as a string, such as \"127.0.0.1:7470\"".into(),
             Self::Path => "a path as a string".into(),
+            Self::Text => "a string".into(),
             Self::Choice(names) => one_of(names),
             Self::Profile => profile_expectation(),
         }
@@ -152,6 +155,12 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         Kind::Address,
         "IP:port",
         "Address of the native-protocol listener.",
+    ),
+    key(
+        "listeners.kafka",
+        Kind::Address,
+        "IP:port",
+        "Address of the Kafka wire-protocol listener.",
     ),
     key(
         "listeners.admin",
@@ -326,6 +335,48 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         Kind::Path,
         "path",
         "PEM CA certificates; when set, clients must present a certificate signed by one of them. Empty: no client certificates.",
+    ),
+    key(
+        "kafka.advertised_host",
+        Kind::Text,
+        "host name or IP",
+        "Host Kafka clients are told to connect to (Metadata, FindCoordinator); empty = the Kafka listener's IP.",
+    ),
+    key(
+        "kafka.advertised_port",
+        Kind::Count,
+        "port",
+        "Port Kafka clients are told to connect to; 0 = the Kafka listener's port.",
+    ),
+    key(
+        "kafka.group_initial_rebalance_delay_ms",
+        Kind::Milliseconds,
+        "ms",
+        "How long the first rebalance of an empty consumer group waits for more members to join.",
+    ),
+    key(
+        "kafka.group_session_timeout_ms_min",
+        Kind::Milliseconds,
+        "ms",
+        "Shortest session timeout a consumer-group member may ask for.",
+    ),
+    key(
+        "kafka.group_session_timeout_ms_max",
+        Kind::Milliseconds,
+        "ms",
+        "Longest session timeout a consumer-group member may ask for.",
+    ),
+    key(
+        "kafka.group_members_max",
+        Kind::Count,
+        "count",
+        "Members one consumer group may have at most (at least 1).",
+    ),
+    key(
+        "kafka.producer_id_expiration_ms",
+        Kind::Milliseconds,
+        "ms",
+        "How long an idle idempotent producer's sequence state is kept per partition.",
     ),
 ];
 

@@ -50,6 +50,7 @@ pub struct Config {
     pub topics: TopicsSection,
     pub topic_defaults: TopicSettings,
     pub tls: TlsSection,
+    pub kafka: KafkaSection,
 }
 
 impl Default for Config {
@@ -64,6 +65,7 @@ impl Default for Config {
             topics: TopicsSection::default(),
             topic_defaults: TopicSettings::default(),
             tls: TlsSection::default(),
+            kafka: KafkaSection::default(),
         }
     }
 }
@@ -115,6 +117,8 @@ pub struct ListenersSection {
     #[serde(with = "socket_address")]
     pub native: SocketAddr,
     #[serde(with = "socket_address")]
+    pub kafka: SocketAddr,
+    #[serde(with = "socket_address")]
     pub admin: SocketAddr,
 }
 
@@ -125,6 +129,7 @@ impl Default for ListenersSection {
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
         Self {
             native: SocketAddr::new(loopback, 7470),
+            kafka: SocketAddr::new(loopback, 9092),
             admin: SocketAddr::new(loopback, 7471),
         }
     }
@@ -211,6 +216,37 @@ pub struct TlsSection {
 impl TlsSection {
     pub fn enabled(&self) -> bool {
         !self.cert_file.is_empty()
+    }
+}
+
+/// `[kafka]`: the Kafka wire protocol's view of this broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSection {
+    /// Empty: the Kafka listener's IP.
+    pub advertised_host: String,
+    /// 0: the Kafka listener's port.
+    pub advertised_port: u16,
+    pub group_initial_rebalance_delay_ms: u64,
+    pub group_session_timeout_ms_min: u64,
+    pub group_session_timeout_ms_max: u64,
+    pub group_members_max: u32,
+    pub producer_id_expiration_ms: u64,
+}
+
+impl Default for KafkaSection {
+    /// Kafka's own defaults, but for a shorter first-rebalance delay: an
+    /// edge box has few consumers, and they start together.
+    fn default() -> Self {
+        Self {
+            advertised_host: String::new(),
+            advertised_port: 0,
+            group_initial_rebalance_delay_ms: 1_000,
+            group_session_timeout_ms_min: 6_000,
+            group_session_timeout_ms_max: 1_800_000,
+            group_members_max: 1_000,
+            producer_id_expiration_ms: 86_400_000,
+        }
     }
 }
 

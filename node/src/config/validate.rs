@@ -54,13 +54,36 @@ pub(crate) fn validate(
 
     let listeners = &config.listeners;
     // Port 0 asks the kernel for a free port, so two of them do not clash.
-    if listeners.native == listeners.admin && listeners.native.port() != 0 {
+    for (name, address) in [
+        ("listeners.kafka", listeners.kafka),
+        ("listeners.admin", listeners.admin),
+    ] {
+        let clash = [("listeners.native", listeners.native), ("listeners.kafka", listeners.kafka)]
+            .into_iter()
+            .find(|(other, other_address)| {
+                *other != name && *other_address == address && address.port() != 0
+            });
+        if let Some((other, _)) = clash {
+            return fail(
+                name,
+                format!("{address} is also {other}; give each listener its own port"),
+            );
+        }
+    }
+    let kafka = &config.kafka;
+    if kafka.group_session_timeout_ms_min > kafka.group_session_timeout_ms_max {
         return fail(
-            "listeners.admin",
+            "kafka.group_session_timeout_ms_min",
             format!(
-                "{} is also listeners.native; give each listener its own port",
-                listeners.admin
+                "{} is more than kafka.group_session_timeout_ms_max ({})",
+                kafka.group_session_timeout_ms_min, kafka.group_session_timeout_ms_max
             ),
+        );
+    }
+    if kafka.group_members_max == 0 {
+        return fail(
+            "kafka.group_members_max",
+            "0 is out of range: at least 1".into(),
         );
     }
 

@@ -1,0 +1,129 @@
+//! Kafka framing: a 4-byte big-endian size, a request header whose version
+//! depends on the API and its version, then the body. Responses mirror it.
+
+use bytes::{Buf, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
+use rill_protocol::FrameError;
+
+/// Bytes of the size prefix.
+pub const SIZE_BYTES: usize = 4;
+
+/// Splits the first whole frame off `buffer`: its body (without the size)
+/// and the bytes the frame took. A negative or too-large size is an error.
+pub fn split_frame(
+    buffer: &[u8],
+    frame_bytes_max: u32,
+) -> Result<Option<(&[u8], usize)>, FrameError> {
+    let Some(prefix) = buffer.get(..SIZE_BYTES) else {
+        return Ok(None);
+    };
+    let size = i32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+    if size < 0 {
+        return Err(FrameError::Malformed);
+    }
+    let size = size as u32;
+    if size > frame_bytes_max {
+        return Err(FrameError::TooLarge {
+            body_bytes: size,
+            frame_bytes_max,
+        });
+    }
+    let total = SIZE_BYTES + size as usize;
+    if buffer.len() < total {
+        return Ok(None);
+    }
+    Ok(Some((&buffer[SIZE_BYTES..total], total)))
+}
+
+/// The whole length of the frame `buffer` starts with, once its size is in.
+pub fn declared_length(buffer: &[u8]) -> Option<usize> {
+    let prefix: [u8; 4] = buffer.get(..SIZE_BYTES)?.try_into().ok()?;
+    let size = i32::from_be_bytes(prefix);
+    (size >= 0).then(|| size as usize + SIZE_BYTES)
+}
+
+/// The fixed start of every request header (all header versions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peek {
+    pub api_key: i16,
+    pub api_version: i16,
+    pub correlation_id: i32,
+}
+
+/// Reads the API key, version and correlation id without decoding the rest.
+pub fn peek(body: &[u8]) -> Option<Peek> {
+    let fixed = body.get(..8)?;
+    Some(Peek {
+        api_key: i16::from_be_bytes([fixed[0], fixed[1]]),
+        api_version: i16::from_be_bytes([fixed[2], fixed[3]]),
+        correlation_id: i32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]),
+    })
+}
+
+/// Decodes the request header, leaving `body` at the request itself.
+pub fn decode_header(api_key: ApiKey, version: i16, body: &mut Bytes) -> anyhow::Result<RequestHeader> {
+    RequestHeader::decode(body, api_key.request_header_version(version))
+}
+
+/// Decodes a request of type `R` at `version` and checks nothing is left over.
+pub fn decode_request<R: Decodable>(body: &mut Bytes, version: i16) -> anyhow::Result<R> {
+    let request = R::decode(body, version)?;
+    if body.has_remaining() {
+        anyhow::bail!("{} bytes after the request", body.remaining());
+    }
+    Ok(request)
+}
+
+/// A whole response frame: size, header, body.
+pub fn encode_response<R: Encodable + HeaderVersion>(
+    correlation_id: i32,
+    version: i16,
+    response: &R,
+) -> anyhow::Result<Vec<u8>> {
+    let header = ResponseHeader::default().with_correlation_id(correlation_id);
+    let header_version = R::header_version(version);
+    let size = header.compute_size(header_version)? + response.compute_size(version)?;
+    let mut out = BytesMut::with_capacity(SIZE_BYTES + size);
+    out.extend_from_slice(&(size as i32).to_be_bytes());
+    header.encode(&mut out, header_version)?;
+    response.encode(&mut out, version)?;
+    Ok(out.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_split_on_their_size_and_bad_sizes_are_refused() {
+        let mut frame = 5i32.to_be_bytes().to_vec();
+        frame.extend_from_slice(b"hello");
+        frame.extend_from_slice(&[0, 0]);
+        assert_eq!(split_frame(&frame[..6], 100), Ok(None));
+        assert_eq!(split_frame(&frame, 100), Ok(Some((&b"hello"[..], 9))));
+        assert_eq!(declared_length(&frame), Some(9));
+        assert_eq!(
+            split_frame(&(-1i32).to_be_bytes(), 100),
+            Err(FrameError::Malformed)
+        );
+        assert!(matches!(
+            split_frame(&200i32.to_be_bytes(), 100),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn peek_reads_the_fixed_header() {
+        let body = [0, 18, 0, 3, 0, 0, 0, 7, 0xff];
+        assert_eq!(
+            peek(&body),
+            Some(Peek {
+                api_key: 18,
+                api_version: 3,
+                correlation_id: 7
+            })
+        );
+        assert_eq!(peek(&body[..7]), None);
+    }
+}
