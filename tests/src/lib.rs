@@ -102,11 +102,34 @@ pub fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String
     Ok((status, body))
 }
 
+/// The loopback addresses a broker listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    pub native: SocketAddr,
+    pub admin: SocketAddr,
+    pub kafka: SocketAddr,
+}
+
+impl Ports {
+    /// Free ports for every listener, so a test can know them (and, say, put
+    /// a proxy in front of one) before the broker starts.
+    pub fn free() -> Self {
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        Self {
+            native: loopback(free_port()),
+            admin: loopback(free_port()),
+            kafka: loopback(free_port()),
+        }
+    }
+}
+
 /// A running broker process.
 pub struct Broker {
     child: Option<Child>,
     pub native: SocketAddr,
     pub admin: SocketAddr,
+    /// The Kafka wire-protocol listener.
+    pub kafka: SocketAddr,
     pub data_dir: PathBuf,
     settings: Vec<String>,
     _temporary: Option<tempfile::TempDir>,
@@ -115,12 +138,18 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker on a fresh data directory with `settings` (`key=value`).
     pub fn start(settings: &[&str]) -> Self {
+        Self::start_on(Ports::free(), settings)
+    }
+
+    /// Starts a broker on a fresh data directory, listening on `ports`.
+    pub fn start_on(ports: Ports, settings: &[&str]) -> Self {
         let temporary = tempfile::tempdir().expect("temporary data directory");
         let data_dir = temporary.path().join("data");
         let mut broker = Self {
             child: None,
-            native: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            native: ports.native,
+            admin: ports.admin,
+            kafka: ports.kafka,
             data_dir,
             settings: settings.iter().map(|setting| setting.to_string()).collect(),
             _temporary: Some(temporary),
@@ -153,6 +182,11 @@ impl Broker {
         self.native.to_string()
     }
 
+    /// The Kafka listener as `host:port` (a bootstrap server).
+    pub fn kafka_address(&self) -> String {
+        self.kafka.to_string()
+    }
+
     fn spawn(&mut self) {
         let mut command = rill_command();
         command
@@ -162,7 +196,9 @@ impl Broker {
             .arg("--set")
             .arg(format!("listeners.native={}", self.native))
             .arg("--set")
-            .arg(format!("listeners.admin={}", self.admin));
+            .arg(format!("listeners.admin={}", self.admin))
+            .arg("--set")
+            .arg(format!("listeners.kafka={}", self.kafka));
         for setting in &self.settings {
             command.arg("--set").arg(setting);
         }
