@@ -30,6 +30,9 @@ fn free_port() -> anyhow::Result<u16> {
 pub struct BrokerProcess {
     child: Child,
     pub native: String,
+    /// The Kafka listener (free port), for Kafka-protocol scenarios.
+    #[allow(dead_code)]
+    pub kafka: String,
     pub admin: String,
 }
 
@@ -39,12 +42,14 @@ impl BrokerProcess {
     pub fn start(data_dir: &Path, settings: &[String]) -> anyhow::Result<Self> {
         let native = format!("127.0.0.1:{}", free_port()?);
         let admin = format!("127.0.0.1:{}", free_port()?);
+        let kafka = format!("127.0.0.1:{}", free_port()?);
         let mut command = Command::new(rill_binary()?);
         command
             .arg("serve")
             .args(["--set", &format!("data_dir={}", data_dir.display())])
             .args(["--set", &format!("listeners.native={native}")])
-            .args(["--set", &format!("listeners.admin={admin}")]);
+            .args(["--set", &format!("listeners.admin={admin}")])
+            .args(["--set", &format!("listeners.kafka={kafka}")]);
         for setting in settings {
             command.args(["--set", setting]);
         }
@@ -56,6 +61,7 @@ impl BrokerProcess {
         let mut broker = Self {
             child,
             native,
+            kafka,
             admin,
         };
         let started = Instant::now();

@@ -63,6 +63,12 @@ pub enum ErrorCode {
     ShuttingDown,
     Internal,
     UnknownGroup,
+    /// An idempotent producer's batch is not the next in its sequence.
+    OutOfOrderSequence,
+    /// An idempotent producer was fenced by a newer epoch of itself.
+    InvalidProducerEpoch,
+    /// The broker has no sequence state for this producer (expired).
+    UnknownProducerId,
 }
 
 impl ErrorCode {

@@ -52,6 +52,7 @@ pub fn shard_main(
     shared: Arc<Shared>,
     inbox: mpsc::UnboundedReceiver<ShardOp>,
     listener: std::net::TcpListener,
+    kafka: std::net::TcpListener,
 ) -> anyhow::Result<()> {
     if shared.config.node.pin_threads {
         super::pin_to_core(index);
@@ -77,8 +78,27 @@ pub fn shard_main(
         let (stop, stopped) = oneshot::channel::<()>();
         let stopped: ShutdownSignal = stopped.shared();
         let listener = TcpListener::from_std(listener)?;
-        compio::runtime::spawn(accept_loop(listener, shared.clone(), stopped.clone())).detach();
+        compio::runtime::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            stopped.clone(),
+            |shared, _, peer| Connection::new(shared, peer),
+            Some(native_refusal()),
+        ))
+        .detach();
+        let kafka = TcpListener::from_std(kafka)?;
+        compio::runtime::spawn(accept_loop(
+            kafka,
+            shared.clone(),
+            stopped.clone(),
+            crate::kafka::connection::KafkaConnection::new,
+            None,
+        ))
+        .detach();
         compio::runtime::spawn(tick_loop(inbox_sender)).detach();
+        if index == 0 {
+            compio::runtime::spawn(group_tick_loop(shared.clone())).detach();
+        }
         compio::runtime::spawn(stop_on_shutdown(shared.clone(), stop)).detach();
         shard_ready(&shared);
         storage.run(inbox).await;
@@ -103,6 +123,19 @@ async fn stop_on_shutdown(shared: Arc<Shared>, stop: oneshot::Sender<()>) {
     }
 }
 
+/// Expires consumer-group members and ends rebalances on time (shard 0).
+async fn group_tick_loop(shared: Arc<Shared>) {
+    while !shared.is_shutting_down() {
+        compio::time::sleep(Duration::from_millis(TICK_MS)).await;
+        shared
+            .kafka
+            .coordinator
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .tick(Instant::now());
+    }
+}
+
 async fn tick_loop(inbox: mpsc::UnboundedSender<ShardOp>) {
     loop {
         compio::time::sleep(Duration::from_millis(TICK_MS)).await;
@@ -112,7 +145,19 @@ async fn tick_loop(inbox: mpsc::UnboundedSender<ShardOp>) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stopped: ShutdownSignal) {
+/// Accepts connections until shutdown and serves each with the handler
+/// `make` builds. Past `connections_max` a connection gets `refusal` (if
+/// the protocol has a way to say it) and is closed.
+pub(crate) async fn accept_loop<H, F>(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stopped: ShutdownSignal,
+    make: F,
+    refusal: Option<Vec<u8>>,
+) where
+    H: FrameHandler + 'static,
+    F: Fn(Arc<Shared>, &TcpStream, SocketAddr) -> H,
+{
     loop {
         let accepted = match select(Box::pin(listener.accept()), stopped.clone()).await {
             Either::Left((accepted, _)) => accepted,
@@ -133,24 +178,30 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stopped: Shutdo
                 .connections_rejected
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(%peer, limit = shared.config.limits.connections_max, "connection refused: connections_max reached");
-            let frame = response_frame(
-                0,
-                Response::Error {
-                    code: ErrorCode::TooManyRequests,
-                    message: "connections_max reached; try again later",
-                },
-                &[],
-            );
-            compio::runtime::spawn(async move {
-                let mut stream = stream;
-                let _ = stream.write_all(frame).await;
-            })
-            .detach();
+            if let Some(frame) = refusal.clone() {
+                compio::runtime::spawn(async move {
+                    let mut stream = stream;
+                    let _ = stream.write_all(frame).await;
+                })
+                .detach();
+            }
             continue;
         }
-        let connection = Connection::new(shared.clone(), peer);
-        compio::runtime::spawn(serve_connection(connection, stream, stopped.clone())).detach();
+        let handler = make(shared.clone(), &stream, peer);
+        compio::runtime::spawn(serve_connection(handler, stream, stopped.clone())).detach();
     }
+}
+
+/// What a native client past `connections_max` is told.
+fn native_refusal() -> Vec<u8> {
+    response_frame(
+        0,
+        Response::Error {
+            code: ErrorCode::TooManyRequests,
+            message: "connections_max reached; try again later",
+        },
+        &[],
+    )
 }
 
 fn response_frame(correlation_id: u32, response: Response<'_>, trailing: &[u8]) -> Vec<u8> {
@@ -534,7 +585,6 @@ async fn flush_pending(
     true
 }
 
-
 /// What a wire protocol plugs into [`serve_connection`].
 pub(crate) trait FrameHandler {
     fn shared(&self) -> &Arc<Shared>;
@@ -543,8 +593,7 @@ pub(crate) trait FrameHandler {
     fn writer(&self) -> Option<&mpsc::UnboundedSender<Answer>>;
     fn set_writer(&mut self, writer: Option<mpsc::UnboundedSender<Answer>>);
     /// Splits the first whole frame off `buffer`: its body and the bytes it used.
-    fn split(buffer: &[u8], frame_bytes_max: u32)
-    -> Result<Option<(&[u8], usize)>, FrameError>;
+    fn split(buffer: &[u8], frame_bytes_max: u32) -> Result<Option<(&[u8], usize)>, FrameError>;
     /// The whole length of the frame `buffer` starts with, once its prefix is in.
     fn declared_length(buffer: &[u8]) -> Option<usize>;
     /// Answers a frame that cannot be read; the connection closes after it.
@@ -557,9 +606,9 @@ pub(crate) trait FrameHandler {
 /// the protocol's handler in arrival order, and bounds what is buffered by
 /// the requests in flight and the broker-wide buffer budget.
 pub(crate) async fn serve_connection<H: FrameHandler>(
-mut handler: H,
-stream: TcpStream,
-stopped: ShutdownSignal,
+    mut handler: H,
+    stream: TcpStream,
+    stopped: ShutdownSignal,
 ) {
     let _ = stream.set_nodelay(true);
     let tls = match &handler.shared().tls {
@@ -685,10 +734,9 @@ stopped: ShutdownSignal,
     // Finish what is in flight, then let the writer drain and close.
     handler.in_flight().below(1).await;
     handler.set_writer(None);
-drop(writer_for_flush);
+    drop(writer_for_flush);
     let _ = writer_task.await;
 }
-
 
 impl FrameHandler for Connection {
     fn shared(&self) -> &Arc<Shared> {
@@ -1051,7 +1099,10 @@ pub(crate) struct FetchRequest {
     pub max_wait: Duration,
 }
 
-pub(crate) async fn fetch_with_wait(shared: &Shared, request: FetchRequest) -> Result<FetchData, OpError> {
+pub(crate) async fn fetch_with_wait(
+    shared: &Shared,
+    request: FetchRequest,
+) -> Result<FetchData, OpError> {
     let FetchRequest {
         owner,
         key,

@@ -24,6 +24,14 @@ type Offsets = BTreeMap<(String, u32), i64>;
 pub type GroupOffsets = Vec<(String, u32, i64)>;
 
 /// All groups' committed offsets.
+/// Puts a group's offsets back as they were before a failed change.
+fn restore(groups: &mut BTreeMap<String, Offsets>, group: &str, before: Option<Offsets>) {
+    match before {
+        Some(offsets) => groups.insert(group.to_string(), offsets),
+        None => groups.remove(group),
+    };
+}
+
 #[derive(Debug)]
 pub struct GroupStore {
     directory: PathBuf,
@@ -159,6 +167,69 @@ impl GroupStore {
             return Err(format!("could not persist the commit: {error:#}"));
         }
         Ok(())
+    }
+
+    /// Records several committed offsets of one group with one write; all
+    /// or none are kept. Returns a message per refused entry, or for all.
+    pub fn commit_many(&self, group: &str, entries: &[(String, u32, i64)]) -> Result<(), String> {
+        if group.is_empty() || group.len() > GROUP_NAME_BYTES_MAX {
+            return Err(format!(
+                "group name must be 1 to {GROUP_NAME_BYTES_MAX} bytes"
+            ));
+        }
+        if let Some((_, _, offset)) = entries.iter().find(|(_, _, offset)| *offset < 0) {
+            return Err(format!("offset {offset} is negative"));
+        }
+        let mut groups = self
+            .groups
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !groups.contains_key(group) && groups.len() >= GROUPS_MAX {
+            return Err(format!(
+                "too many groups (groups_max {GROUPS_MAX}); delete unused groups"
+            ));
+        }
+        let before = groups.get(group).cloned();
+        let offsets = groups.entry(group.to_string()).or_default();
+        for (topic, partition, offset) in entries {
+            offsets.insert((topic.clone(), *partition), *offset);
+        }
+        if offsets.len() > GROUP_OFFSETS_MAX {
+            restore(&mut groups, group, before);
+            return Err(format!(
+                "group {group} would hold more than {GROUP_OFFSETS_MAX} offsets"
+            ));
+        }
+        let result = match groups.get(group) {
+            Some(offsets) => self.persist(group, offsets),
+            None => Ok(()),
+        };
+        if let Err(error) = result {
+            restore(&mut groups, group, before);
+            return Err(format!("could not persist the commit: {error:#}"));
+        }
+        Ok(())
+    }
+
+    /// Forgets a group's committed offsets. Returns whether it had any.
+    pub fn delete(&self, group: &str) -> anyhow::Result<bool> {
+        let mut groups = self
+            .groups
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if groups.remove(group).is_none() {
+            return Ok(false);
+        }
+        let path = self.directory.join(file_name(group));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(error).with_context(|| format!("removing {}", path.display()));
+            }
+        }
+        std::fs::File::open(&self.directory)?.sync_all()?;
+        Ok(true)
     }
 
     fn persist(&self, group: &str, offsets: &Offsets) -> anyhow::Result<()> {

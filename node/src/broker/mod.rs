@@ -85,6 +85,8 @@ pub struct Shared {
     pub driver: DriverSelection,
     pub topics: TopicDirectory,
     pub groups: GroupStore,
+    /// The Kafka protocol's broker-wide state (groups, producer ids).
+    pub kafka: crate::kafka::KafkaState,
     pub usage: DiskUsage,
     pub metrics: Metrics,
     /// TLS for the listeners, when `tls.cert_file` is set.
@@ -552,8 +554,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&config)?;
     let table = topics::load_all(&config.data_dir)?;
     let groups = GroupStore::open(&config.data_dir)?;
+    let kafka_state = crate::kafka::KafkaState::open(&config.data_dir, &config.kafka)?;
     let native = bind_listener(config.listeners.native, "native", "listeners.native")?;
     native.set_nonblocking(true)?;
+    let kafka = bind_listener(config.listeners.kafka, "Kafka", "listeners.kafka")?;
+    kafka.set_nonblocking(true)?;
     let admin = bind_listener(config.listeners.admin, "admin", "listeners.admin")?;
     let tls = if config.tls.enabled() {
         let client_ca = (!config.tls.client_ca_file.is_empty())
@@ -581,6 +586,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         driver,
         topics: TopicDirectory::new(table),
         groups,
+        kafka: kafka_state,
         usage: DiskUsage::default(),
         inboxes: senders,
         connections: AtomicU32::new(0),
@@ -598,11 +604,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     for (index, inbox) in receivers.into_iter().enumerate() {
         let shared = shared.clone();
         let listener = native.try_clone().context("sharing the native listener")?;
+        let kafka = kafka.try_clone().context("sharing the Kafka listener")?;
         threads.push(
             std::thread::Builder::new()
                 .name(format!("rill-shard-{index}"))
                 .spawn(move || {
-                    let result = connection::shard_main(index, shared.clone(), inbox, listener);
+                    let result = connection::shard_main(index, shared.clone(), inbox, listener, kafka);
                     if let Err(error) = &result {
                         // The other shards must not run on half-alive.
                         tracing::error!(shard = index, error = %format!("{error:#}"), "shard failed; stopping the broker");
@@ -643,6 +650,7 @@ pub fn shard_ready(shared: &Shared) {
     if ready as usize == shared.shards() {
         tracing::info!(
             native = %shared.config.listeners.native,
+            kafka = %shared.config.listeners.kafka,
             admin = %shared.config.listeners.admin,
             shards = shared.shards(),
             profile = %shared.config.profile,

@@ -18,6 +18,7 @@ use rill_core::logset::LogSet;
 use rill_protocol::{Acks, ErrorCode, OffsetSpec};
 
 use super::errors::{OpError, append_error, read_error};
+use super::producers::{ProducerStates, SequenceCheck};
 use super::{Shared, now_ms};
 use crate::config::TopicSettings;
 use crate::io::NodeStorage;
@@ -26,6 +27,24 @@ use rill_core::storage::StorageFile;
 /// How often a shard wakes for housekeeping (interval syncs, retention,
 /// checkpoints, statistics) when nothing else happens.
 pub const TICK_MS: u64 = 100;
+/// The idempotent-producer snapshot in each partition's directory.
+const PRODUCER_SNAPSHOT: &str = "producers.snapshot";
+/// Bytes read at a time when producer state is replayed from the log.
+const REPLAY_READ_BYTES: u64 = 1 << 20;
+
+/// Writes `name` in `directory` so that a crash leaves the old file or the
+/// new one, never a mix: temporary file, sync, rename, sync the directory.
+fn write_atomically(directory: &std::path::Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let temporary = directory.join(format!("{name}.tmp"));
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    drop(file);
+    std::fs::rename(&temporary, directory.join(name))?;
+    std::fs::File::open(directory)?.sync_all()
+}
+
 /// Most long-poll waiters one partition keeps; older ones are woken early
 /// (they fetch again, so nothing is lost).
 const DATA_WAITERS_MAX: usize = 1024;
@@ -101,6 +120,13 @@ pub enum ShardOp {
         at: OffsetSpec,
         reply: oneshot::Sender<Result<Option<i64>, OpError>>,
     },
+    /// Deletes records below `before` (-1: the high watermark); answers the
+    /// new log start offset.
+    DeleteRecords {
+        key: PartitionKey,
+        before: i64,
+        reply: oneshot::Sender<Result<i64, OpError>>,
+    },
     OpenPartition {
         key: PartitionKey,
         settings: Box<TopicSettings>,
@@ -148,6 +174,8 @@ struct PartitionState {
     bytes_in: u64,
     records_in: u64,
     bytes_out: u64,
+    /// Idempotent producers' sequence state (Kafka's producer state).
+    producers: ProducerStates,
 }
 
 /// The storage task's state: the logs and who waits on them.
@@ -215,8 +243,100 @@ impl Storage {
         }
         self.next_generation += 1;
         let generation = self.next_generation;
-        self.partitions.entry(key.clone()).or_default().generation = generation;
+        let producers = self.load_producers(key).await;
+        let state = self.partitions.entry(key.clone()).or_default();
+        state.generation = generation;
+        state.producers = producers;
         Ok(())
+    }
+
+    /// The partition's producer state: its snapshot, then every batch from
+    /// the snapshot's offset to the end of the log replayed on top.
+    async fn load_producers(&self, key: &PartitionKey) -> ProducerStates {
+        let Some(log) = self.logs.log(&key.0, key.1) else {
+            return ProducerStates::default();
+        };
+        let path = log.directory().join(PRODUCER_SNAPSHOT);
+        let (mut from, mut producers) = match std::fs::read(&path) {
+            Ok(bytes) => match ProducerStates::decode_snapshot(&bytes) {
+                Ok(loaded) => loaded,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error,
+                        "producer snapshot unreadable; rebuilding producer state from the log");
+                    (0, ProducerStates::default())
+                }
+            },
+            Err(error) if error.kind() == io::ErrorKind::NotFound => (0, ProducerStates::default()),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error,
+                    "producer snapshot unreadable; rebuilding producer state from the log");
+                (0, ProducerStates::default())
+            }
+        };
+        producers.set_max_producers(super::producers::PRODUCERS_MAX_DEFAULT);
+        from = from.max(log.log_start_offset());
+        let end = log.next_offset();
+        let mut replayed = 0u64;
+        while from < end {
+            let (bytes, _) = match log.read_owned(from, REPLAY_READ_BYTES).await {
+                Ok(read) => read,
+                Err(error) => {
+                    tracing::warn!(topic = %key.0, partition = key.1, %error,
+                        "replaying producer state stopped early");
+                    break;
+                }
+            };
+            let mut position = 0;
+            let mut advanced = false;
+            while let Some(rest) = bytes.get(position..) {
+                let Ok(header) = rill_core::batch::BatchHeader::parse(rest) else {
+                    break;
+                };
+                let Some(length) = header.total_bytes() else {
+                    break;
+                };
+                if header.producer_id >= 0 {
+                    producers.replay(
+                        header.producer_id,
+                        header.producer_epoch,
+                        header.base_sequence,
+                        header.record_count,
+                        header.base_offset,
+                        header.last_offset(),
+                        header.max_timestamp,
+                    );
+                    replayed += 1;
+                }
+                from = header.last_offset() + 1;
+                position += length;
+                advanced = true;
+            }
+            if !advanced {
+                break;
+            }
+        }
+        if replayed > 0 {
+            tracing::debug!(topic = %key.0, partition = key.1, replayed, "producer state rebuilt");
+        }
+        producers
+    }
+
+    /// Writes the producer snapshot of a partition, covering the batches
+    /// below its durable offset (later ones are replayed from the log, so a
+    /// crash that loses unsynced batches cannot leave phantom duplicates).
+    fn write_producer_snapshot(&self, key: &PartitionKey) {
+        let (Some(log), Some(state)) = (self.logs.log(&key.0, key.1), self.partitions.get(key))
+        else {
+            return;
+        };
+        if state.producers.is_empty() {
+            return;
+        }
+        let bytes = state.producers.encode_snapshot(log.durable_next_offset());
+        let directory = log.directory();
+        if let Err(error) = write_atomically(directory, PRODUCER_SNAPSHOT, &bytes) {
+            tracing::warn!(topic = %key.0, partition = key.1, %error, "producer snapshot write failed");
+        }
     }
 
     /// Runs until shutdown: takes ops from the inbox in order, then starts the
@@ -268,6 +388,9 @@ impl Storage {
             ShardOp::WaitForData { key, offset, reply } => self.wait_for_data(key, offset, reply),
             ShardOp::ListOffsets { key, at, reply } => {
                 let _ = reply.send(self.list_offsets(&key, at).await);
+            }
+            ShardOp::DeleteRecords { key, before, reply } => {
+                let _ = reply.send(self.delete_records(&key, before).await);
             }
             ShardOp::OpenPartition {
                 key,
@@ -331,6 +454,47 @@ impl Storage {
         acks: Acks,
         reply: oneshot::Sender<Result<AppendInfo, OpError>>,
     ) {
+        let header = rill_core::batch::BatchHeader::parse(batch).ok();
+        let idempotent = header.filter(|header| header.producer_id >= 0);
+        if let Some(header) = &idempotent {
+            if header.is_transactional() {
+                let _ = reply.send(Err(OpError::new(
+                    ErrorCode::InvalidRequest,
+                    "transactional batches are not supported",
+                )));
+                return;
+            }
+            let check = self.partitions.get(&key).map(|state| {
+                state.producers.check(
+                    header.producer_id,
+                    header.producer_epoch,
+                    header.base_sequence,
+                    header.record_count,
+                )
+            });
+            match check {
+                Some(SequenceCheck::Append) | None => {}
+                Some(SequenceCheck::Duplicate {
+                    base_offset,
+                    last_offset,
+                }) => {
+                    self.answer_duplicate(&key, base_offset, last_offset, acks, reply);
+                    return;
+                }
+                Some(SequenceCheck::Error { code, message }) => {
+                    let code = match code {
+                        super::producers::OUT_OF_ORDER_SEQUENCE_NUMBER => {
+                            ErrorCode::OutOfOrderSequence
+                        }
+                        super::producers::INVALID_PRODUCER_EPOCH => ErrorCode::InvalidProducerEpoch,
+                        super::producers::UNKNOWN_PRODUCER_ID => ErrorCode::UnknownProducerId,
+                        _ => ErrorCode::InvalidBatch,
+                    };
+                    let _ = reply.send(Err(OpError::new(code, message)));
+                    return;
+                }
+            }
+        }
         let Some(result) = self.logs.append(&key.0, key.1, batch, now_ms()).await else {
             let _ = reply.send(Err(unknown_partition(&key)));
             return;
@@ -344,6 +508,18 @@ impl Storage {
         };
         self.shared.metrics.record_append(self.index, info.bytes);
         let state = self.partitions.entry(key.clone()).or_default();
+        if let Some(header) = &idempotent {
+            state.producers.record(
+                header.producer_id,
+                header.producer_epoch,
+                header.base_sequence,
+                header.record_count,
+                info.base_offset,
+                info.last_offset,
+                header.max_timestamp,
+                now_ms(),
+            );
+        }
         state.bytes_in += info.bytes;
         state.records_in += (info.last_offset - info.base_offset + 1) as u64;
         for (_, waiter) in state.data_waiters.drain(..) {
@@ -358,6 +534,71 @@ impl Storage {
         } else {
             let _ = reply.send(Ok(info));
         }
+    }
+
+    /// A retried batch that is already in the log: answered with the
+    /// offsets it got the first time, once it is as durable as asked.
+    fn answer_duplicate(
+        &mut self,
+        key: &PartitionKey,
+        base_offset: i64,
+        last_offset: i64,
+        acks: Acks,
+        reply: oneshot::Sender<Result<AppendInfo, OpError>>,
+    ) {
+        let durable_next = self
+            .logs
+            .log(&key.0, key.1)
+            .map_or(i64::MAX, |log| log.durable_next_offset());
+        let info = AppendInfo {
+            base_offset,
+            last_offset,
+            log_append_time_ms: None,
+            bytes: 0,
+            durability: if last_offset < durable_next {
+                Durability::NotAwaited
+            } else {
+                Durability::AwaitSync
+            },
+        };
+        match self.partitions.get_mut(key) {
+            Some(state) if acks == Acks::Durable && info.durability == Durability::AwaitSync => {
+                state.durable_waiters.push_back(DurableWaiter {
+                    last_offset,
+                    info,
+                    reply,
+                });
+            }
+            _ => {
+                let _ = reply.send(Ok(info));
+            }
+        }
+    }
+
+    async fn delete_records(&mut self, key: &PartitionKey, before: i64) -> Result<i64, OpError> {
+        let log = self
+            .logs
+            .log_mut(&key.0, key.1)
+            .ok_or_else(|| unknown_partition(key))?;
+        let before = if before < 0 {
+            log.next_offset()
+        } else {
+            before
+        };
+        log.delete_records_before(before).await.map_err(|error| {
+            let code = match error {
+                rill_core::log::MaintenanceError::OffsetPastEnd { .. } => {
+                    ErrorCode::OffsetOutOfRange
+                }
+                _ => ErrorCode::StorageError,
+            };
+            OpError::new(code, error.to_string())
+        })?;
+        let log_start = log.log_start_offset();
+        if let Some(state) = self.partitions.get_mut(key) {
+            state.producers.truncate_before(log_start);
+        }
+        Ok(log_start)
     }
 
     async fn fetch(
@@ -626,12 +867,22 @@ impl Storage {
         }
         if self.last_checkpoint.elapsed() >= Duration::from_millis(storage.checkpoint_interval_ms) {
             self.last_checkpoint = Instant::now();
+            let idle_ms = self.shared.config.kafka.producer_id_expiration_ms as i64;
             for key in &keys {
                 if let Some(log) = self.logs.log_mut(&key.0, key.1)
                     && let Err(error) = log.write_checkpoint().await
                 {
                     tracing::error!(topic = %key.0, partition = key.1, %error, "checkpoint write failed");
                 }
+                let log_start = self
+                    .logs
+                    .log(&key.0, key.1)
+                    .map(|log| log.log_start_offset());
+                if let (Some(state), Some(log_start)) = (self.partitions.get_mut(key), log_start) {
+                    state.producers.truncate_before(log_start);
+                    state.producers.expire(now, idle_ms);
+                }
+                self.write_producer_snapshot(key);
             }
         }
         let evictions = self.logs.take_evictions();
@@ -675,6 +926,7 @@ impl Storage {
                     Ok(()) => {
                         let durable = log.durable_next_offset();
                         self.resolve_durable(&key, durable, None);
+                        self.write_producer_snapshot(&key);
                     }
                     Err(error) => {
                         failures.insert(key.clone(), error.to_string());

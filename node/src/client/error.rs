@@ -77,6 +77,11 @@ fn broker_hint(code: ErrorCode) -> &'static str {
             "; retry later"
         }
         ErrorCode::UnknownGroup => "; list groups with `rill group list`",
+        ErrorCode::OutOfOrderSequence
+        | ErrorCode::InvalidProducerEpoch
+        | ErrorCode::UnknownProducerId => {
+            "; the producer's sequence state does not match the broker's: start a new producer session"
+        }
         ErrorCode::InvalidBatch
         | ErrorCode::TopicExists
         | ErrorCode::InvalidRequest

@@ -58,11 +58,14 @@ pub(crate) fn validate(
         ("listeners.kafka", listeners.kafka),
         ("listeners.admin", listeners.admin),
     ] {
-        let clash = [("listeners.native", listeners.native), ("listeners.kafka", listeners.kafka)]
-            .into_iter()
-            .find(|(other, other_address)| {
-                *other != name && *other_address == address && address.port() != 0
-            });
+        let clash = [
+            ("listeners.native", listeners.native),
+            ("listeners.kafka", listeners.kafka),
+        ]
+        .into_iter()
+        .find(|(other, other_address)| {
+            *other != name && *other_address == address && address.port() != 0
+        });
         if let Some((other, _)) = clash {
             return fail(
                 name,

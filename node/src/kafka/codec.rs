@@ -2,7 +2,7 @@
 //! depends on the API and its version, then the body. Responses mirror it.
 
 use bytes::{Buf, Bytes, BytesMut};
-use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
 use rill_protocol::FrameError;
 
@@ -62,7 +62,11 @@ pub fn peek(body: &[u8]) -> Option<Peek> {
 }
 
 /// Decodes the request header, leaving `body` at the request itself.
-pub fn decode_header(api_key: ApiKey, version: i16, body: &mut Bytes) -> anyhow::Result<RequestHeader> {
+pub fn decode_header(
+    api_key: ApiKey,
+    version: i16,
+    body: &mut Bytes,
+) -> anyhow::Result<RequestHeader> {
     RequestHeader::decode(body, api_key.request_header_version(version))
 }
 
@@ -73,6 +77,60 @@ pub fn decode_request<R: Decodable>(body: &mut Bytes, version: i16) -> anyhow::R
         anyhow::bail!("{} bytes after the request", body.remaining());
     }
     Ok(request)
+}
+
+/// What a request frame's body turned out to be.
+#[derive(Debug)]
+pub enum Decoded {
+    /// A served API at a served version, decoded.
+    Request {
+        api_key: ApiKey,
+        version: i16,
+        header: RequestHeader,
+        request: Box<RequestKind>,
+    },
+    /// ApiVersions at a version newer than served: answered with v0 and
+    /// UNSUPPORTED_VERSION so the client can retry.
+    ApiVersionsTooNew { correlation_id: i32 },
+    /// Anything else: the connection closes, as Kafka brokers do.
+    Refused(String),
+}
+
+/// Decodes a request frame's body (the bytes after the size), checking the
+/// API and version against what is served before decoding anything else.
+pub fn decode_request_frame(body: &[u8]) -> Decoded {
+    let Some(peek) = peek(body) else {
+        return Decoded::Refused(format!(
+            "request of {} bytes is shorter than its header",
+            body.len()
+        ));
+    };
+    let Ok(api_key) = ApiKey::try_from(peek.api_key) else {
+        return Decoded::Refused(format!("unknown API key {}", peek.api_key));
+    };
+    let version = peek.api_version;
+    if !super::api::serves(api_key, version) {
+        if api_key == ApiKey::ApiVersions && version > 0 {
+            return Decoded::ApiVersionsTooNew {
+                correlation_id: peek.correlation_id,
+            };
+        }
+        return Decoded::Refused(format!("{api_key:?} v{version} is not served"));
+    }
+    let mut bytes = Bytes::copy_from_slice(body);
+    let header = match decode_header(api_key, version, &mut bytes) {
+        Ok(header) => header,
+        Err(error) => return Decoded::Refused(format!("malformed request header: {error}")),
+    };
+    match RequestKind::decode(api_key, &mut bytes, version) {
+        Ok(request) => Decoded::Request {
+            api_key,
+            version,
+            header,
+            request: Box::new(request),
+        },
+        Err(error) => Decoded::Refused(format!("malformed {api_key:?} v{version}: {error}")),
+    }
 }
 
 /// A whole response frame: size, header, body.
@@ -110,6 +168,64 @@ mod tests {
         assert!(matches!(
             split_frame(&200i32.to_be_bytes(), 100),
             Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    fn request_body(api_key: i16, version: i16, rest: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&api_key.to_be_bytes());
+        body.extend_from_slice(&version.to_be_bytes());
+        body.extend_from_slice(&42i32.to_be_bytes());
+        body.extend_from_slice(&(-1i16).to_be_bytes()); // null client id
+        body.extend_from_slice(rest);
+        body
+    }
+
+    #[test]
+    fn requests_are_checked_against_served_versions_before_decoding() {
+        // Metadata v1 asking for all topics (null array).
+        let body = request_body(3, 1, &(-1i32).to_be_bytes());
+        assert!(matches!(
+            decode_request_frame(&body),
+            Decoded::Request {
+                api_key: ApiKey::Metadata,
+                version: 1,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decode_request_frame(&request_body(18, 127, &[])),
+            Decoded::ApiVersionsTooNew { correlation_id: 42 }
+        ));
+        assert!(matches!(
+            decode_request_frame(&request_body(999, 0, &[])),
+            Decoded::Refused(_)
+        ));
+        assert!(matches!(
+            decode_request_frame(&request_body(1, 99, &[])),
+            Decoded::Refused(_)
+        ));
+        assert!(matches!(decode_request_frame(&[0, 3]), Decoded::Refused(_)));
+        // Transactions are not served: EndTxn is refused, not decoded.
+        assert!(matches!(
+            decode_request_frame(&request_body(26, 0, &[])),
+            Decoded::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn an_array_count_beyond_the_frame_is_refused_without_allocating_it() {
+        // Metadata v1 claiming i32::MAX topics in a few bytes: the patched
+        // codec refuses it instead of reserving ~100 GB and aborting.
+        let body = request_body(3, 1, &i32::MAX.to_be_bytes());
+        assert!(matches!(decode_request_frame(&body), Decoded::Refused(_)));
+        // The same through a compact (flexible-version) array: Metadata v9.
+        let mut flexible = request_body(3, 9, &[]);
+        flexible.push(0); // header tagged fields
+        flexible.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]); // varint 2^32 - 1
+        assert!(matches!(
+            decode_request_frame(&flexible),
+            Decoded::Refused(_)
         ));
     }
 
