@@ -20,10 +20,17 @@ pub fn rill_binary() -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// `count` distinct free loopback ports: all bound at once, so the kernel
+/// cannot hand the same port out twice, then released for the broker.
+fn free_ports<const COUNT: usize>() -> anyhow::Result<[u16; COUNT]> {
+    let listeners = (0..COUNT)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ports = [0u16; COUNT];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// A running broker, stopped (SIGTERM) when dropped.
@@ -33,6 +40,9 @@ pub struct BrokerProcess {
     /// The Kafka listener (free port), for Kafka-protocol scenarios.
     #[allow(dead_code)]
     pub kafka: String,
+    /// The MQTT listener (free port), for MQTT scenarios.
+    #[allow(dead_code)]
+    pub mqtt: String,
     pub admin: String,
 }
 
@@ -40,16 +50,16 @@ impl BrokerProcess {
     /// Starts `rill serve` on `data_dir` with extra `--set` settings and
     /// waits (bounded) until `/ready` answers.
     pub fn start(data_dir: &Path, settings: &[String]) -> anyhow::Result<Self> {
-        let native = format!("127.0.0.1:{}", free_port()?);
-        let admin = format!("127.0.0.1:{}", free_port()?);
-        let kafka = format!("127.0.0.1:{}", free_port()?);
+        let [native, admin, kafka, mqtt] =
+            free_ports::<4>()?.map(|port| format!("127.0.0.1:{port}"));
         let mut command = Command::new(rill_binary()?);
         command
             .arg("serve")
             .args(["--set", &format!("data_dir={}", data_dir.display())])
             .args(["--set", &format!("listeners.native={native}")])
             .args(["--set", &format!("listeners.admin={admin}")])
-            .args(["--set", &format!("listeners.kafka={kafka}")]);
+            .args(["--set", &format!("listeners.kafka={kafka}")])
+            .args(["--set", &format!("listeners.mqtt={mqtt}")]);
         for setting in settings {
             command.args(["--set", setting]);
         }
@@ -62,6 +72,7 @@ impl BrokerProcess {
             child,
             native,
             kafka,
+            mqtt,
             admin,
         };
         let started = Instant::now();

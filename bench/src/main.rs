@@ -6,12 +6,15 @@
 //! the process with a clear message if the machine stalls.
 
 mod broker;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod limits;
 mod machine;
 mod native;
 mod peers;
 mod plot;
 mod report;
+mod shapes;
 mod storage;
 
 use std::path::PathBuf;
@@ -22,6 +25,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use rill_core::log::FsyncPolicy;
 use rill_node::io::{IoDriver, io_uring_unavailable_reason};
+use rill_protocol::Acks;
 use serde::Serialize;
 
 use crate::machine::Machine;
@@ -32,13 +36,22 @@ enum Scenario {
     /// The storage engine: append per driver and fsync policy, write
     /// amplification, sealed-segment reads, recovery of an active segment.
     Storage,
-    /// Every scenario above, one after the other, in one table.
+    /// Every scenario, one after the other, in one table.
     Suite,
     /// The broker over the native protocol: produce and consume throughput
     /// against loopback and disk limits, durable-produce latency at 50 MB/s,
     /// CPU per GiB, resident memory idle and under load.
     Native,
+    /// The broker over the Kafka wire protocol with librdkafka, next to the
+    /// native protocol in the same run: produce and consume throughput as a
+    /// ratio to native, produce latency at 20 MB/s with acks=all. Needs the
+    /// `kafka` feature.
+    Kafka,
 }
+
+/// Why the `kafka` scenario cannot run in this build.
+const KAFKA_UNAVAILABLE: &str =
+    "built without the kafka feature: cargo build --release -p rill-bench --features kafka";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -89,12 +102,31 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("rill-bench: {error:#}");
+            let disk_full = error.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.raw_os_error() == Some(libc_enospc()))
+            }) || format!("{error:#}").contains("No space left on device");
+            if disk_full {
+                eprintln!(
+                    "rill-bench: the disk under --data-dir {} is full: free space there or point --data-dir at a larger disk",
+                    arguments.data_dir.display()
+                );
+            }
             ExitCode::FAILURE
         }
     }
 }
 
+/// ENOSPC on Linux (the harness runs on Linux only).
+fn libc_enospc() -> i32 {
+    28
+}
+
 fn run(arguments: &Arguments) -> anyhow::Result<()> {
+    if arguments.scenario == Scenario::Kafka && !cfg!(feature = "kafka") {
+        anyhow::bail!("kafka scenario unavailable: {KAFKA_UNAVAILABLE}");
+    }
     std::fs::create_dir_all(&arguments.data_dir).with_context(|| {
         format!(
             "creating the data directory {}",
@@ -117,9 +149,24 @@ fn run(arguments: &Arguments) -> anyhow::Result<()> {
     let rows = match arguments.scenario {
         Scenario::Storage => storage_scenario(&data_dir, arguments.smoke)?,
         Scenario::Native => native_scenario(&data_dir, arguments.smoke)?,
+        Scenario::Kafka => kafka_scenario(&data_dir, arguments.smoke)?,
         Scenario::Suite => {
             let mut rows = storage_scenario(&data_dir, arguments.smoke)?;
             rows.extend(native_scenario(&data_dir, arguments.smoke)?);
+            if cfg!(feature = "kafka") {
+                rows.extend(kafka_scenario(&data_dir, arguments.smoke)?);
+            } else {
+                eprintln!("Kafka wire protocol scenario unavailable: {KAFKA_UNAVAILABLE}");
+                rows.push(
+                    Row::new(
+                        "Kafka wire protocol (librdkafka): produce, consume, latency",
+                        "librdkafka",
+                        0.0,
+                        "GiB/s",
+                    )
+                    .note(format!("UNAVAILABLE: {KAFKA_UNAVAILABLE}")),
+                );
+            }
             rows
         }
     };
@@ -524,6 +571,72 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
             .note(format!("{} MiB", bytes.min(mib(1024)) / mib(1))),
         );
     }
+    // Other load shapes: partitions, producers, fsync policies.
+    let shape_bytes = bytes.min(mib(1024));
+    let shapes_list = [
+        (4, 1, "interval-ms", Acks::Written),
+        (1, 4, "interval-ms", Acks::Written),
+        (4, 4, "interval-ms", Acks::Written),
+        (1, 1, "never", Acks::Written),
+        (1, 1, "interval-ms", Acks::Written),
+        (1, 1, "every-batch", Acks::Written),
+        (1, 1, "every-batch", Acks::Durable),
+        (4, 4, "every-batch", Acks::Durable),
+    ];
+    for (partitions, producers, fsync, acks) in shapes_list {
+        let run = storage::RunDirectory::new(data_dir, "shapes")?;
+        let acks_name = if acks == Acks::Durable {
+            "durable"
+        } else {
+            "written"
+        };
+        eprintln!(
+            "native produce: {partitions} partition(s), {producers} producer(s), fsync {fsync}, acks={acks_name}"
+        );
+        let shape = shapes::Shape {
+            partitions,
+            producers,
+            fsync,
+            acks,
+        };
+        let speed = shapes::produce(run.path(), shape_bytes, shape)?;
+        drop(run);
+        rows.push(
+            Row::new(
+                &format!(
+                    "native produce, 1 KiB records in 64 KiB batches, {partitions} partition(s), {producers} producer(s), fsync {fsync}, acks={acks_name}"
+                ),
+                "broker",
+                gib_per_second(speed),
+                "GiB/s",
+            )
+            .against(if loopback < direct { "loopback" } else { "direct write" }, smaller)
+            .note(format!(
+                "{} MiB in all, each producer on its own connection with 64 batches in flight",
+                shape_bytes / mib(1)
+            )),
+        );
+    }
+    let run = storage::RunDirectory::new(data_dir, "end-to-end")?;
+    eprintln!("end-to-end latency at 20 MB/s offered for {latency_seconds} s");
+    let end_to_end = shapes::end_to_end_latency(
+        run.path(),
+        20e6,
+        std::time::Duration::from_secs(latency_seconds),
+    )?;
+    drop(run);
+    rows.push(
+        Row::new("end-to-end latency (produce acks=written to consumer long poll) at 20 MB/s offered: p99", "broker", end_to_end.latency.p99_us, "us")
+            .note(format!(
+                "p50 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs, {} batches of 64 KiB, achieved {:.1} MB/s of {:.0}; from each batch's intended send time to the consumer holding it",
+                end_to_end.latency.p50_us,
+                end_to_end.p999_us,
+                end_to_end.latency.max_us,
+                end_to_end.latency.samples,
+                end_to_end.achieved_bytes_per_second / 1e6,
+                end_to_end.offered_bytes_per_second / 1e6
+            )),
+    );
     // The same load shape on a peer: 1 KiB messages, persisted and acknowledged.
     let peer_bytes = bytes.min(mib(1024));
     let peer = storage::RunDirectory::new(data_dir, "nats").and_then(|run| {
@@ -643,6 +756,210 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
             "MiB",
         )
         .against("memory budget", (TINY_MEMORY_BUDGET_BYTES / mib(1)) as f64)
+        .target("<= 100%"),
+    );
+    Ok(rows)
+}
+
+#[cfg(not(feature = "kafka"))]
+fn kafka_scenario(_data_dir: &std::path::Path, _smoke: bool) -> anyhow::Result<Vec<Row>> {
+    anyhow::bail!("kafka scenario unavailable: {KAFKA_UNAVAILABLE}")
+}
+
+/// One figure's median over rounds, with its spread after `note`, as a
+/// row without a limit.
+#[cfg(feature = "kafka")]
+fn median_row(scenario: &str, driver: &str, values: &[f64], note: String) -> Row {
+    let mut sorted = values.to_vec();
+    let value = median(&mut sorted);
+    Row::new(scenario, driver, value, "GiB/s").note(format!(
+        "{note}; median of {} rounds (min {:.2}, max {:.2} GiB/s)",
+        values.len(),
+        sorted.first().copied().unwrap_or(0.0),
+        sorted.last().copied().unwrap_or(0.0)
+    ))
+}
+
+#[cfg(feature = "kafka")]
+fn kafka_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Vec<Row>> {
+    let plan = if smoke {
+        kafka::Plan {
+            bytes: mib(64),
+            rounds: 1,
+            latency_offered_bytes_per_second: 20e6,
+            latency_duration: Duration::from_secs(1),
+        }
+    } else {
+        kafka::Plan {
+            bytes: mib(1024),
+            rounds: 3,
+            latency_offered_bytes_per_second: 20e6,
+            latency_duration: Duration::from_secs(10),
+        }
+    };
+    let run = storage::RunDirectory::new(data_dir, "kafka")?;
+    eprintln!(
+        "Kafka wire protocol next to native: {} rounds of {} MiB each way, 1 partition",
+        plan.rounds,
+        plan.bytes / mib(1)
+    );
+    let figures = kafka::run(run.path(), &plan)?;
+    drop(run);
+    let mib_moved = figures.bytes / mib(1);
+    let settings = |settings: &[(&str, &str)]| {
+        settings
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let cpu = |phases: Vec<kafka::Phase>| {
+        let mut broker: Vec<f64> = phases
+            .iter()
+            .map(|phase| phase.broker_cpu_seconds_per_gib)
+            .collect();
+        let mut client: Vec<f64> = phases
+            .iter()
+            .map(|phase| phase.client_cpu_seconds_per_gib)
+            .collect();
+        format!(
+            "CPU per GiB (medians): broker {:.2} s, client {:.2} s",
+            median(&mut broker),
+            median(&mut client)
+        )
+    };
+    let gib = |phase: &kafka::Phase| gib_per_second(phase.bytes_per_second);
+    // Each round's Kafka/native ratio, in round order: the spread says more
+    // than the median on this shared machine.
+    let ratios = |ratio: fn(&kafka::Round) -> f64| {
+        let ratios: Vec<String> = figures
+            .rounds
+            .iter()
+            .map(|round| format!("{:.0}%", 100.0 * ratio(round)))
+            .collect();
+        format!(
+            "per-round ratios {} (native first in odd rounds, Kafka first in even ones)",
+            ratios.join(", ")
+        )
+    };
+    let mut rows = Vec::new();
+
+    let native_produce: Vec<f64> = figures
+        .rounds
+        .iter()
+        .map(|round| gib(&round.native_produce))
+        .collect();
+    rows.push(
+        median_row(
+            "native produce, 1 KiB records in 64 KiB batches, 1 partition, acks=written (broker of the Kafka run)",
+            "native",
+            &native_produce,
+            format!(
+                "{mib_moved} MiB per round, window {} batches; {}",
+                native::PRODUCE_WINDOW_BATCHES,
+                cpu(figures.rounds.iter().map(|round| round.native_produce).collect())
+            ),
+        ),
+    );
+    let mut kafka_produce = Samples::default();
+    for round in &figures.rounds {
+        kafka_produce.push(
+            gib(&round.kafka_produce),
+            gib(&round.native_produce),
+            format!(
+                "{mib_moved} MiB, the same records as native (bytes counted as native batches); {}; {}; {}",
+                settings(kafka::PRODUCER_SETTINGS),
+                cpu(figures.rounds.iter().map(|round| round.kafka_produce).collect()),
+                ratios(|round| {
+                    round.kafka_produce.bytes_per_second / round.native_produce.bytes_per_second
+                })
+            ),
+        );
+    }
+    rows.push(kafka_produce.row(
+        "Kafka produce (librdkafka), 1 KiB records in ~64 KiB batches, 1 partition, acks=1",
+        "librdkafka",
+        "native produce",
+        ">= 80%",
+    ));
+
+    let cold = figures.rounds.iter().all(|round| round.cold);
+    let native_consume: Vec<f64> = figures
+        .rounds
+        .iter()
+        .map(|round| gib(&round.native_consume))
+        .collect();
+    rows.push(median_row(
+        "native consume of that data on disk, 4 MiB fetches, one in flight",
+        "native",
+        &native_consume,
+        format!(
+            "{}; {}",
+            if cold {
+                "page cache dropped before each consume"
+            } else {
+                "page cache could not be dropped: warm"
+            },
+            cpu(figures
+                .rounds
+                .iter()
+                .map(|round| round.native_consume)
+                .collect())
+        ),
+    ));
+    let mut kafka_consume = Samples::default();
+    for round in &figures.rounds {
+        kafka_consume.push(
+            gib(&round.kafka_consume),
+            gib(&round.native_consume),
+            format!(
+                "the same batches as the native consume, assigned partition (no group join, no commits); {}; {}; {}",
+                settings(kafka::CONSUMER_SETTINGS),
+                cpu(figures.rounds.iter().map(|round| round.kafka_consume).collect()),
+                ratios(|round| {
+                    round.kafka_consume.bytes_per_second / round.native_consume.bytes_per_second
+                })
+            ),
+        );
+    }
+    rows.push(kafka_consume.row(
+        "Kafka consume (librdkafka) of the same data on disk, 4 MiB fetches",
+        "librdkafka",
+        "native consume",
+        ">= 80%",
+    ));
+
+    let latency = &figures.latency;
+    rows.push(
+        Row::new(
+            &format!(
+                "Kafka produce (librdkafka) at {:.0} MB/s offered, acks=all, fsync every-batch: p99 latency",
+                latency.offered_bytes_per_second / 1e6
+            ),
+            "librdkafka",
+            latency.latency.p99_us,
+            "us",
+        )
+        .note(format!(
+            "p50 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs, {} records in {} s, achieved {:.1} MB/s of {:.0}; latency from each record's intended send time to its delivery report; {}",
+            latency.latency.p50_us,
+            latency.p999_us,
+            latency.latency.max_us,
+            latency.latency.samples,
+            plan.latency_duration.as_secs(),
+            latency.achieved_bytes_per_second / 1e6,
+            latency.offered_bytes_per_second / 1e6,
+            settings(kafka::LATENCY_PRODUCER_SETTINGS)
+        )),
+    );
+    rows.push(
+        Row::new(
+            "broker peak resident memory, Kafka and native load",
+            "broker",
+            figures.peak_resident_kib as f64 / 1024.0,
+            "MiB",
+        )
+        .against("memory budget", 512.0)
         .target("<= 100%"),
     );
     Ok(rows)

@@ -21,7 +21,7 @@ use crate::storage::producer_batch;
 
 /// Batches a producer keeps unacknowledged (4 MiB, like a Kafka producer
 /// with several requests of batches in flight).
-const PRODUCE_WINDOW_BATCHES: usize = 64;
+pub const PRODUCE_WINDOW_BATCHES: usize = 64;
 
 pub struct ThroughputFigures {
     pub produce_bytes_per_second: f64,
@@ -36,7 +36,7 @@ pub struct ThroughputFigures {
     pub bytes: u64,
 }
 
-async fn connect(broker: &BrokerProcess) -> anyhow::Result<Client> {
+pub async fn connect(broker: &BrokerProcess) -> anyhow::Result<Client> {
     let config = ClientConfig {
         client_id: "rill-bench".into(),
         ..ClientConfig::default()
@@ -49,7 +49,7 @@ async fn connect(broker: &BrokerProcess) -> anyhow::Result<Client> {
 /// Produces `total_bytes` of `batch` round robin over `partitions` with
 /// acks=written, keeping [`PRODUCE_WINDOW_BATCHES`] unacknowledged. Returns
 /// the bytes sent.
-async fn produce_windowed(
+pub async fn produce_windowed(
     client: &Client,
     topic: &str,
     partitions: u32,
@@ -78,7 +78,7 @@ async fn produce_windowed(
 
 /// Reads `partitions` partitions of `topic` to their end, one fetch in
 /// flight per partition. Returns the bytes read.
-async fn consume_all(client: &Client, topic: &str, partitions: u32) -> anyhow::Result<u64> {
+pub async fn consume_all(client: &Client, topic: &str, partitions: u32) -> anyhow::Result<u64> {
     let readers = (0..partitions).map(|partition| async move {
         let mut offset = 0i64;
         let mut bytes = 0u64;
@@ -178,6 +178,31 @@ pub struct LatencyFigures {
     pub p999_us: f64,
 }
 
+impl LatencyFigures {
+    /// The figures of a fixed-rate run: `histogram` in microseconds,
+    /// `sent_bytes` over `elapsed`.
+    pub fn from_histogram(
+        histogram: &Histogram<u64>,
+        offered_bytes_per_second: f64,
+        sent_bytes: f64,
+        elapsed: Duration,
+    ) -> Self {
+        let quantile = |value: f64| histogram.value_at_quantile(value) as f64;
+        Self {
+            offered_bytes_per_second,
+            achieved_bytes_per_second: sent_bytes / elapsed.as_secs_f64(),
+            latency: Latency {
+                samples: histogram.len() as usize,
+                mean_us: histogram.mean(),
+                p50_us: quantile(0.5),
+                p99_us: quantile(0.99),
+                max_us: histogram.max() as f64,
+            },
+            p999_us: quantile(0.999),
+        }
+    }
+}
+
 /// Durable produce (fsync every-batch, group commit) at a fixed offered rate:
 /// each batch has an intended send time on a fixed schedule, and its latency
 /// runs from that time to its acknowledgement.
@@ -239,21 +264,12 @@ pub fn durable_latency(
         collector
             .await
             .map_err(|_| anyhow::anyhow!("the acknowledgement collector failed"))??;
-        let elapsed = started.elapsed();
-        let histogram = histogram.borrow();
-        let quantile = |value: f64| histogram.value_at_quantile(value) as f64;
-        anyhow::Ok(LatencyFigures {
+        anyhow::Ok(LatencyFigures::from_histogram(
+            &histogram.borrow(),
             offered_bytes_per_second,
-            achieved_bytes_per_second: sent as f64 / elapsed.as_secs_f64(),
-            latency: Latency {
-                samples: histogram.len() as usize,
-                mean_us: histogram.mean(),
-                p50_us: quantile(0.5),
-                p99_us: quantile(0.99),
-                max_us: histogram.max() as f64,
-            },
-            p999_us: quantile(0.999),
-        })
+            sent as f64,
+            started.elapsed(),
+        ))
     })?;
     broker.stop()?;
     Ok(figures)

@@ -8,4 +8,5 @@ pub mod client;
 pub mod config;
 pub mod io;
 pub mod kafka;
+pub mod mqtt;
 pub mod tls;

@@ -158,6 +158,11 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// MQTT listener helpers.
+    Mqtt {
+        #[command(subcommand)]
+        command: MqttCommand,
+    },
     /// Show which I/O driver Rill would use here, and why.
     Io {
         #[command(subcommand)]
@@ -249,6 +254,18 @@ enum ConfigCommand {
     Check { file: PathBuf },
     /// Every key with its default and unit.
     Keys,
+}
+
+#[derive(Debug, Subcommand)]
+enum MqttCommand {
+    /// Print a users-file line for USER (mqtt.users_file); the password is
+    /// the first line of standard input.
+    Passwd {
+        user: String,
+        /// PBKDF2 rounds: more is slower to guess and to check.
+        #[arg(long, default_value_t = rill_node::cli::PASSWD_ROUNDS_DEFAULT)]
+        rounds: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -451,6 +468,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Command::Mqtt {
+            command: MqttCommand::Passwd { user, rounds },
+        } => {
+            let password = rill_node::cli::read_password()?;
+            println!("{}", rill_node::cli::passwd_line(&user, &password, rounds)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Io {
             command: IoCommand::Probe { io_driver },
         } => {

@@ -108,6 +108,7 @@ pub struct Ports {
     pub native: SocketAddr,
     pub admin: SocketAddr,
     pub kafka: SocketAddr,
+    pub mqtt: SocketAddr,
 }
 
 impl Ports {
@@ -119,6 +120,7 @@ impl Ports {
             native: loopback(free_port()),
             admin: loopback(free_port()),
             kafka: loopback(free_port()),
+            mqtt: loopback(free_port()),
         }
     }
 }
@@ -130,6 +132,7 @@ pub struct Broker {
     pub admin: SocketAddr,
     /// The Kafka wire-protocol listener.
     pub kafka: SocketAddr,
+    pub mqtt: SocketAddr,
     pub data_dir: PathBuf,
     settings: Vec<String>,
     _temporary: Option<tempfile::TempDir>,
@@ -150,6 +153,7 @@ impl Broker {
             native: ports.native,
             admin: ports.admin,
             kafka: ports.kafka,
+            mqtt: ports.mqtt,
             data_dir,
             settings: settings.iter().map(|setting| setting.to_string()).collect(),
             _temporary: Some(temporary),
@@ -198,7 +202,9 @@ impl Broker {
             .arg("--set")
             .arg(format!("listeners.admin={}", self.admin))
             .arg("--set")
-            .arg(format!("listeners.kafka={}", self.kafka));
+            .arg(format!("listeners.kafka={}", self.kafka))
+            .arg("--set")
+            .arg(format!("listeners.mqtt={}", self.mqtt));
         for setting in &self.settings {
             command.arg("--set").arg(setting);
         }

@@ -206,6 +206,12 @@ fn a_retried_idempotent_batch_is_not_written_twice_even_after_a_restart() {
             .with_transaction_timeout_ms(60_000),
     );
     assert_ne!(ids.producer_id.0, producer_id);
+    let (status, metrics) = rill_tests::http_get(broker.admin, "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("rill_kafka_requests_total{api=\"Produce\"} 3"),
+        "Kafka requests are counted by API since the last start:\n{metrics}"
+    );
 }
 
 #[test]

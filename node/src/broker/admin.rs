@@ -89,7 +89,8 @@ fn answer(stream: &mut impl ReadWrite, shared: &Shared) -> std::io::Result<()> {
                 buffer_bytes: shared.buffers.used(),
                 buffer_bytes_max: shared.config.limits.buffer_memory_bytes_max,
             };
-            let page = shared.metrics.render(&shared.published_stats(), &facts);
+            let mut page = shared.metrics.render(&shared.published_stats(), &facts);
+            shared.mqtt.render_metrics(&mut page);
             ("200 OK", "text/plain; version=0.0.4", page)
         }
         ("GET", "/health") => ("200 OK", "text/plain", "ok\n".to_string()),

@@ -46,14 +46,25 @@ const BUDGET_RECHECK_MS: u64 = 5;
 /// Bytes a connection's read buffer starts with.
 const READ_BUFFER_BYTES: usize = 256 * 1024;
 
+/// The listening sockets every shard accepts from.
+pub struct Listeners {
+    pub native: std::net::TcpListener,
+    pub kafka: std::net::TcpListener,
+    pub mqtt: std::net::TcpListener,
+}
+
 /// The body of a shard thread: runtime, partitions, acceptor, storage task.
 pub fn shard_main(
     index: usize,
     shared: Arc<Shared>,
     inbox: mpsc::UnboundedReceiver<ShardOp>,
-    listener: std::net::TcpListener,
-    kafka: std::net::TcpListener,
+    listeners: Listeners,
 ) -> anyhow::Result<()> {
+    let Listeners {
+        native: listener,
+        kafka,
+        mqtt,
+    } = listeners;
     if shared.config.node.pin_threads {
         super::pin_to_core(index);
     }
@@ -95,9 +106,20 @@ pub fn shard_main(
             None,
         ))
         .detach();
+        let mqtt = TcpListener::from_std(mqtt)?;
+        compio::runtime::spawn(accept_loop(
+            mqtt,
+            shared.clone(),
+            stopped.clone(),
+            crate::mqtt::MqttConnection::new,
+            None,
+        ))
+        .detach();
         compio::runtime::spawn(tick_loop(inbox_sender)).detach();
         if index == 0 {
             compio::runtime::spawn(group_tick_loop(shared.clone())).detach();
+            compio::runtime::spawn(crate::mqtt::tick_loop(shared.clone())).detach();
+            compio::runtime::spawn(crate::mqtt::ensure_mapping_topics(shared.clone())).detach();
         }
         compio::runtime::spawn(stop_on_shutdown(shared.clone(), stop)).detach();
         shard_ready(&shared);
@@ -600,6 +622,30 @@ pub(crate) trait FrameHandler {
     fn reject(&self, error: &FrameError);
     /// Handles one frame. Returns `false` when the connection must close.
     async fn handle_frame(&mut self, body: &[u8]) -> bool;
+    /// The largest frame [`FrameHandler::split`] is given as its limit.
+    fn frame_bytes_max(&self) -> u32 {
+        self.shared().config.limits.frame_bytes_max
+    }
+    /// Completes when the protocol ends the connection on its own (MQTT:
+    /// a session taken over, a keep-alive timeout), which stops the reader
+    /// as a shutdown does. `None`: only the client or a shutdown end it.
+    fn close_signal(&self) -> Option<ShutdownSignal> {
+        None
+    }
+    /// Called once when the reader has stopped, before the writer drains
+    /// and closes, with why it stopped.
+    async fn finish(&mut self, _ended: Ended) {}
+}
+
+/// Why a connection's reader stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The client closed the socket, or it failed.
+    PeerClosed,
+    /// The broker is shutting down.
+    ShuttingDown,
+    /// The handler closed it (a bad frame, the protocol's own close).
+    Closed,
 }
 
 /// Serves one connection of any wire protocol: reads frames, hands each to
@@ -637,7 +683,9 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
     let writer_for_flush = handler.writer().cloned();
     let mut reader = stream;
     let limits = &handler.shared().config.limits;
-    let frame_bytes_max = limits.frame_bytes_max;
+    let frame_bytes_max = handler.frame_bytes_max();
+    let closed = handler.close_signal();
+    let mut ended = Ended::Closed;
     let in_flight_max = limits.requests_in_flight_max.max(1);
     let mut buffer: Vec<u8> = Vec::with_capacity(READ_BUFFER_BYTES);
     // The read buffer's capacity counts against the broker's buffer budget.
@@ -685,6 +733,7 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
         buffer.drain(..consumed);
         handler.in_flight().below(in_flight_max).await;
         if shared.is_shutting_down() {
+            ended = Ended::ShuttingDown;
             break;
         }
         // Room for the rest of the frame being read (bounded by frame_bytes_max).
@@ -711,18 +760,31 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
                 },
                 std::mem::take(&mut buffer),
             )),
-            stopped.clone(),
+            select(
+                stopped.clone(),
+                match &closed {
+                    Some(closed) => Either::Left(closed.clone()),
+                    None => Either::Right(futures_util::future::pending()),
+                },
+            ),
         )
         .await;
         match read {
             Either::Left((compio::BufResult(result, returned), _)) => {
                 buffer = returned;
                 match result {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) | Err(_) => {
+                        ended = Ended::PeerClosed;
+                        break;
+                    }
                     Ok(_) => {}
                 }
             }
-            Either::Right(_) => break,
+            Either::Right((Either::Left(_), _)) => {
+                ended = Ended::ShuttingDown;
+                break;
+            }
+            Either::Right((Either::Right(_), _)) => break,
         }
         if buffer.capacity() > 4 * READ_BUFFER_BYTES && buffer.len() < READ_BUFFER_BYTES {
             buffer.shrink_to(READ_BUFFER_BYTES);
@@ -731,6 +793,7 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
     }
     budget.give_back(accounted);
     drop(buffer);
+    handler.finish(ended).await;
     // Finish what is in flight, then let the writer drain and close.
     handler.in_flight().below(1).await;
     handler.set_writer(None);
@@ -956,7 +1019,7 @@ impl Connection {
             owner,
             ShardOp::Produce {
                 key: (topic.to_string(), partition),
-                batch: batch.to_vec(),
+                batch: bytes::Bytes::copy_from_slice(batch),
                 acks,
                 reply,
             },

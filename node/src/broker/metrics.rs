@@ -82,8 +82,13 @@ pub struct Metrics {
     pub fetch_latency: Histogram,
     pub connections_rejected: AtomicU64,
     pub frames_rejected: AtomicU64,
+    /// Kafka requests by API key (index = key; keys past the end are not counted).
+    kafka_requests: Vec<AtomicU64>,
     evicted_records: Mutex<BTreeMap<(String, u32), u64>>,
 }
+
+/// Kafka API keys counted in `/metrics` (0 to 99 covers every key defined).
+const KAFKA_API_KEYS: usize = 100;
 
 /// A per-partition series: name, Prometheus type, and how to read it.
 type PartitionSeries = (&'static str, &'static str, fn(&PartitionStats) -> f64);
@@ -114,7 +119,18 @@ impl Metrics {
             fetch_latency: Histogram::default(),
             connections_rejected: AtomicU64::new(0),
             frames_rejected: AtomicU64::new(0),
+            kafka_requests: (0..KAFKA_API_KEYS).map(|_| AtomicU64::new(0)).collect(),
             evicted_records: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Counts one Kafka request of API `key`.
+    pub fn record_kafka_request(&self, key: i16) {
+        if let Some(counter) = usize::try_from(key)
+            .ok()
+            .and_then(|key| self.kafka_requests.get(key))
+        {
+            counter.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -143,6 +159,18 @@ impl Metrics {
     /// The whole `/metrics` page.
     pub fn render(&self, partitions: &[PartitionStats], facts: &ProcessFacts<'_>) -> String {
         let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP rill_kafka_requests_total Kafka requests decoded, by API.\n# TYPE rill_kafka_requests_total counter"
+        );
+        for (key, counter) in self.kafka_requests.iter().enumerate() {
+            let count = counter.load(Ordering::Relaxed);
+            if count > 0 {
+                let api = kafka_protocol::messages::ApiKey::try_from(key as i16)
+                    .map_or_else(|()| format!("{key}"), |api| format!("{api:?}"));
+                let _ = writeln!(out, "rill_kafka_requests_total{{api=\"{api}\"}} {count}");
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP rill_io_driver The I/O driver in use.\n# TYPE rill_io_driver gauge"

@@ -87,6 +87,9 @@ pub struct Shared {
     pub groups: GroupStore,
     /// The Kafka protocol's broker-wide state (groups, producer ids).
     pub kafka: crate::kafka::KafkaState,
+    /// The MQTT listener's broker-wide state (sessions, subscriptions,
+    /// retained messages, wills).
+    pub mqtt: crate::mqtt::MqttState,
     pub usage: DiskUsage,
     pub metrics: Metrics,
     /// TLS for the listeners, when `tls.cert_file` is set.
@@ -555,11 +558,18 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let table = topics::load_all(&config.data_dir)?;
     let groups = GroupStore::open(&config.data_dir)?;
     let kafka_state = crate::kafka::KafkaState::open(&config.data_dir, &config.kafka)?;
+    let mqtt_state = crate::mqtt::MqttState::open(
+        &config.data_dir,
+        &config.mqtt,
+        config.topic_defaults.batch_bytes_max,
+    )?;
     let native = bind_listener(config.listeners.native, "native", "listeners.native")?;
     native.set_nonblocking(true)?;
     let kafka = bind_listener(config.listeners.kafka, "Kafka", "listeners.kafka")?;
     kafka.set_nonblocking(true)?;
     let admin = bind_listener(config.listeners.admin, "admin", "listeners.admin")?;
+    let mqtt = bind_listener(config.listeners.mqtt, "MQTT", "listeners.mqtt")?;
+    mqtt.set_nonblocking(true)?;
     let tls = if config.tls.enabled() {
         let client_ca = (!config.tls.client_ca_file.is_empty())
             .then(|| std::path::Path::new(&config.tls.client_ca_file));
@@ -587,6 +597,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         topics: TopicDirectory::new(table),
         groups,
         kafka: kafka_state,
+        mqtt: mqtt_state,
         usage: DiskUsage::default(),
         inboxes: senders,
         connections: AtomicU32::new(0),
@@ -605,11 +616,17 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         let shared = shared.clone();
         let listener = native.try_clone().context("sharing the native listener")?;
         let kafka = kafka.try_clone().context("sharing the Kafka listener")?;
+        let mqtt = mqtt.try_clone().context("sharing the MQTT listener")?;
         threads.push(
             std::thread::Builder::new()
                 .name(format!("rill-shard-{index}"))
                 .spawn(move || {
-                    let result = connection::shard_main(index, shared.clone(), inbox, listener, kafka);
+                    let result = connection::shard_main(
+                        index,
+                        shared.clone(),
+                        inbox,
+                        connection::Listeners { native: listener, kafka, mqtt },
+                    );
                     if let Err(error) = &result {
                         // The other shards must not run on half-alive.
                         tracing::error!(shard = index, error = %format!("{error:#}"), "shard failed; stopping the broker");
@@ -652,6 +669,7 @@ pub fn shard_ready(shared: &Shared) {
             native = %shared.config.listeners.native,
             kafka = %shared.config.listeners.kafka,
             admin = %shared.config.listeners.admin,
+            mqtt = %shared.config.listeners.mqtt,
             shards = shared.shards(),
             profile = %shared.config.profile,
             data_dir = %shared.config.data_dir.display(),

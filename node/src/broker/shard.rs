@@ -99,7 +99,9 @@ pub struct PartitionStats {
 pub enum ShardOp {
     Produce {
         key: PartitionKey,
-        batch: Vec<u8>,
+        /// The batch as it came off the wire (a Kafka request's records are a
+        /// slice of the frame: no copy of their own).
+        batch: bytes::Bytes,
         acks: Acks,
         reply: oneshot::Sender<Result<AppendInfo, OpError>>,
     },

@@ -9,6 +9,7 @@
 mod consume;
 mod format;
 mod group;
+mod mqtt;
 mod produce;
 mod status;
 mod topic;
@@ -22,6 +23,7 @@ pub use group::{
     GroupOffset, ResetTo, format_group_list, format_group_offsets, format_reset, group_describe,
     group_list, group_reset_offsets,
 };
+pub use mqtt::{PASSWD_ROUNDS_DEFAULT, passwd_line, read_password};
 pub use produce::{
     ProduceOptions, ProduceReport, format_produce_progress, format_produce_summary, produce,
     produce_lines,

@@ -21,6 +21,7 @@ pub(crate) const SECTIONS: &[&str] = &[
     TOPIC_SECTION,
     "tls",
     "kafka",
+    "mqtt",
 ];
 
 /// `RILL_` variables that are not configuration keys but belong to Rill
@@ -51,6 +52,8 @@ pub(crate) enum Kind {
     Text,
     Choice(&'static [&'static str]),
     Profile,
+    /// An array of tables (`[[mqtt.rules]]`).
+    Rules,
 }
 
 impl Kind {
@@ -75,6 +78,10 @@ impl Kind {
             Self::Text => "a string".into(),
             Self::Choice(names) => one_of(names),
             Self::Profile => profile_expectation(),
+            Self::Rules => format!(
+                "an array of tables with filter, topic and key ({})",
+                super::MqttKeySetting::EXPECTED
+            ),
         }
     }
 }
@@ -167,6 +174,12 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         Kind::Address,
         "IP:port",
         "Address of the admin (health, metrics) listener.",
+    ),
+    key(
+        "listeners.mqtt",
+        Kind::Address,
+        "IP:port",
+        "Address of the MQTT 3.1.1/5.0 listener (docs/mqtt.md).",
     ),
     key(
         "limits.connections_max",
@@ -377,6 +390,132 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         Kind::Milliseconds,
         "ms",
         "How long an idle idempotent producer's sequence state is kept per partition.",
+    ),
+    key(
+        "mqtt.allow_anonymous",
+        Kind::Switch,
+        "true/false",
+        "Let MQTT clients connect without a user name or password.",
+    ),
+    key(
+        "mqtt.users_file",
+        Kind::Path,
+        "path",
+        "Users file with hashed passwords (`user:$pbkdf2-sha256$...` lines, docs/mqtt.md). Empty: none.",
+    ),
+    key(
+        "mqtt.packet_bytes_max",
+        Kind::Bytes,
+        "bytes",
+        "Largest MQTT packet accepted (sent as Maximum Packet Size; lowered so a record of it fits `topic_defaults.batch_bytes_max`); larger ones close the client with 0x95.",
+    ),
+    key(
+        "mqtt.connect_timeout_ms",
+        Kind::Milliseconds,
+        "ms",
+        "How long a new MQTT connection may take to send CONNECT.",
+    ),
+    key(
+        "mqtt.inflight_inbound_max",
+        Kind::Count,
+        "count",
+        "QoS 1 and 2 PUBLISHes one client may have unacknowledged (Receive Maximum, 1 to 65535).",
+    ),
+    key(
+        "mqtt.inflight_outbound_max",
+        Kind::Count,
+        "count",
+        "QoS 1 and 2 messages sent to one client and not yet acknowledged (1 to 65535).",
+    ),
+    key(
+        "mqtt.queued_messages_max",
+        Kind::Count,
+        "count",
+        "Messages waiting for one client; when full, QoS 0 is dropped and QoS 1/2 is read from the log again later.",
+    ),
+    key(
+        "mqtt.topic_aliases_max",
+        Kind::Count,
+        "count",
+        "Topic aliases one MQTT 5.0 client may set (Topic Alias Maximum).",
+    ),
+    key(
+        "mqtt.topic_bytes_max",
+        Kind::Bytes,
+        "bytes",
+        "Longest MQTT topic name or filter accepted.",
+    ),
+    key(
+        "mqtt.topic_levels_max",
+        Kind::Count,
+        "count",
+        "Most levels an MQTT topic name or filter may have.",
+    ),
+    key(
+        "mqtt.client_id_bytes_max",
+        Kind::Bytes,
+        "bytes",
+        "Longest MQTT client identifier accepted.",
+    ),
+    key(
+        "mqtt.session_subscriptions_max",
+        Kind::Count,
+        "count",
+        "Subscriptions one MQTT session may hold.",
+    ),
+    key(
+        "mqtt.subscriptions_max",
+        Kind::Count,
+        "count",
+        "Subscriptions of all connected MQTT sessions together.",
+    ),
+    key(
+        "mqtt.retained_messages_max",
+        Kind::Count,
+        "count",
+        "Retained messages kept; past it new ones are published but not retained.",
+    ),
+    key(
+        "mqtt.retained_bytes_max",
+        Kind::Bytes,
+        "bytes",
+        "Bytes of all retained messages together (topic, payload, properties).",
+    ),
+    key(
+        "mqtt.session_expiry_ms_max",
+        Kind::Milliseconds,
+        "ms",
+        "Longest an MQTT session outlives its connection; 3.1.1 persistent sessions get exactly this (whole seconds).",
+    ),
+    key(
+        "mqtt.keep_alive_ms_max",
+        Kind::Milliseconds,
+        "ms",
+        "Longest keep alive granted to an MQTT 5.0 client (whole seconds); 0 = any.",
+    ),
+    key(
+        "mqtt.session_persist_interval_ms",
+        Kind::Milliseconds,
+        "ms",
+        "How often a connected persistent session's cursors and in-flight messages are written.",
+    ),
+    key(
+        "mqtt.unmatched",
+        Kind::Choice(super::UnmatchedSetting::NAMES),
+        "catch-all | refuse",
+        "A PUBLISH whose topic matches no rule goes to `mqtt.catch_all_topic`, or is refused.",
+    ),
+    key(
+        "mqtt.catch_all_topic",
+        Kind::Text,
+        "topic",
+        "Rill topic for MQTT messages that match no rule, keyed by their MQTT topic.",
+    ),
+    key(
+        "mqtt.rules",
+        Kind::Rules,
+        "[[mqtt.rules]]",
+        "Mapping rules in order: `filter` (MQTT filter), `topic` (Rill topic), `key` (`level:N`, `topic`, `client-id` or `none`).",
     ),
 ];
 

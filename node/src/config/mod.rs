@@ -8,6 +8,7 @@ mod detect;
 mod error;
 mod keys;
 mod layers;
+mod mqtt;
 pub mod profile;
 mod topic;
 mod validate;
@@ -29,6 +30,7 @@ use values::{io_driver, socket_address, zero_is_none};
 pub use detect::{Detection, DiskFact, DiskKind, MachineFacts, detect};
 pub use error::{ConfigError, Origin};
 pub use keys::{KeyDoc, NON_CONFIG_VARIABLES, documented_keys, environment_variable};
+pub use mqtt::{MqttKeySetting, MqttRuleSetting, MqttSection, UnmatchedSetting};
 pub use profile::{Profile, builtin_profiles};
 pub use topic::{DiskFullPolicySetting, FsyncSetting, TimestampTypeSetting, TopicSettings};
 
@@ -51,6 +53,7 @@ pub struct Config {
     pub topic_defaults: TopicSettings,
     pub tls: TlsSection,
     pub kafka: KafkaSection,
+    pub mqtt: MqttSection,
 }
 
 impl Default for Config {
@@ -66,6 +69,7 @@ impl Default for Config {
             topic_defaults: TopicSettings::default(),
             tls: TlsSection::default(),
             kafka: KafkaSection::default(),
+            mqtt: MqttSection::default(),
         }
     }
 }
@@ -120,6 +124,8 @@ pub struct ListenersSection {
     pub kafka: SocketAddr,
     #[serde(with = "socket_address")]
     pub admin: SocketAddr,
+    #[serde(with = "socket_address")]
+    pub mqtt: SocketAddr,
 }
 
 impl Default for ListenersSection {
@@ -131,6 +137,7 @@ impl Default for ListenersSection {
             native: SocketAddr::new(loopback, 7470),
             kafka: SocketAddr::new(loopback, 9092),
             admin: SocketAddr::new(loopback, 7471),
+            mqtt: SocketAddr::new(loopback, 1883),
         }
     }
 }

@@ -73,6 +73,22 @@ pub(crate) fn validate(
             );
         }
     }
+    let mqtt_clash = [
+        ("listeners.native", listeners.native),
+        ("listeners.kafka", listeners.kafka),
+        ("listeners.admin", listeners.admin),
+    ]
+    .into_iter()
+    .find(|(_, address)| *address == listeners.mqtt && address.port() != 0);
+    if let Some((other, _)) = mqtt_clash {
+        return fail(
+            "listeners.mqtt",
+            format!(
+                "{} is also {other}; give each listener its own port",
+                listeners.mqtt
+            ),
+        );
+    }
     let kafka = &config.kafka;
     if kafka.group_session_timeout_ms_min > kafka.group_session_timeout_ms_max {
         return fail(
@@ -173,6 +189,7 @@ pub(crate) fn validate(
             format!("{} is out of range: {}", error.value, error.reason),
         );
     }
+    super::mqtt::validate(config, &fail)?;
     if topic.batch_bytes_max > frame_bytes_max {
         return fail(
             "topic_defaults.batch_bytes_max",

@@ -146,7 +146,8 @@ pub fn encode_response<R: Encodable + HeaderVersion>(
     out.extend_from_slice(&(size as i32).to_be_bytes());
     header.encode(&mut out, header_version)?;
     response.encode(&mut out, version)?;
-    Ok(out.to_vec())
+    // The buffer becomes the Vec without a copy.
+    Ok(Vec::from(out))
 }
 
 #[cfg(test)]

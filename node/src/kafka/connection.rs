@@ -226,11 +226,14 @@ impl FrameHandler for KafkaConnection {
     async fn handle_frame(&mut self, body: &[u8]) -> bool {
         let (version, header, request) = match codec::decode_request_frame(body) {
             codec::Decoded::Request {
+                api_key,
                 version,
                 header,
                 request,
-                ..
-            } => (version, header, *request),
+            } => {
+                self.shared.metrics.record_kafka_request(api_key as i16);
+                (version, header, *request)
+            }
             codec::Decoded::ApiVersionsTooNew { correlation_id } => {
                 // The client's version is newer than ours: a v0 answer with
                 // UNSUPPORTED_VERSION and our ranges, so it can retry.

@@ -40,7 +40,8 @@ struct Got {
     next_offset: i64,
     records: Option<Bytes>,
     /// Segment ranges to splice to the socket (then `tail` from memory),
-    /// instead of `records`, when the fetch is sent without copying.
+    /// when the fetch is sent without copying; else the batches are all in
+    /// `tail`. `records` is only the marker that stands in for them.
     ranges: Vec<SendRange>,
     tail: Vec<u8>,
 }
@@ -59,11 +60,7 @@ impl Got {
     }
 
     fn bytes(&self) -> u64 {
-        self.records
-            .as_ref()
-            .map_or(0, |records| records.len() as u64)
-            + self.ranges.iter().map(|range| range.length).sum::<u64>()
-            + self.tail.len() as u64
+        self.ranges.iter().map(|range| range.length).sum::<u64>() + self.tail.len() as u64
     }
 }
 
@@ -159,11 +156,12 @@ pub(crate) async fn fetch(
         .iter()
         .map(|name| FetchableTopicResponse::default().with_topic(name.clone()))
         .collect();
-    // Records sent by splice are stood in for by a marker while the answer
-    // is encoded, then cut out and replaced by the ranges.
+    // Records are stood in for by a marker while the answer is encoded,
+    // then cut out and replaced by the segment ranges (spliced) or the
+    // batches in memory (written as they are): never copied into the answer.
     let mut spliced = Vec::new();
     for (wanted, mut got) in wanted.iter().zip(got) {
-        if !got.ranges.is_empty() {
+        if got.bytes() > 0 {
             let marker = splice_marker(spliced.len());
             got.records = Some(Bytes::copy_from_slice(&marker));
             spliced.push(Spliced {
@@ -206,7 +204,7 @@ const FLEXIBLE_VERSION: i16 = 12;
 /// in the rest of an answer, which holds no record bytes.
 const MARKER_BYTES: usize = 24;
 
-/// One partition's records sent by splice.
+/// One partition's records: segment ranges to splice, then bytes in memory.
 struct Spliced {
     marker: [u8; MARKER_BYTES],
     ranges: Vec<SendRange>,
@@ -258,10 +256,16 @@ fn splice_pieces(frame: &[u8], spliced: Vec<Spliced>, flexible: bool) -> Option<
             header.extend_from_slice(&u32::try_from(records).ok()?.to_be_bytes());
         }
         total += header.len() as u64 + records;
-        pieces.push(Outgoing::Ranges {
-            header,
-            ranges,
-            tail,
+        pieces.push(if ranges.is_empty() {
+            // Batches in memory go out after the header in one vectored
+            // write: never copied into the answer's buffer.
+            Outgoing::HeaderAndPayload(header, tail)
+        } else {
+            Outgoing::Ranges {
+                header,
+                ranges,
+                tail,
+            }
         });
         position = found + MARKER_BYTES;
     }
@@ -271,7 +275,9 @@ fn splice_pieces(frame: &[u8], spliced: Vec<Spliced>, flexible: bool) -> Option<
     // The size prefix counts everything after itself.
     let size = u32::try_from(total - 4).ok()?.to_be_bytes();
     match pieces.first_mut() {
-        Some(Outgoing::Ranges { header, .. }) => header.get_mut(..4)?.copy_from_slice(&size),
+        Some(Outgoing::Ranges { header, .. } | Outgoing::HeaderAndPayload(header, _)) => {
+            header.get_mut(..4)?.copy_from_slice(&size)
+        }
         _ => return None,
     }
     Some(pieces)
@@ -375,9 +381,9 @@ async fn gather(mut data: FetchData) -> Got {
         high_watermark: data.high_watermark,
         log_start_offset: data.log_start_offset,
         next_offset: data.next_offset,
-        records: Some(Bytes::from(bytes)),
+        records: None,
         ranges: Vec::new(),
-        tail: Vec::new(),
+        tail: bytes,
     }
 }
 
@@ -430,6 +436,10 @@ mod tests {
         for piece in pieces {
             match piece {
                 Outgoing::Frame(bytes) => out.extend_from_slice(&bytes),
+                Outgoing::HeaderAndPayload(header, payload) => {
+                    out.extend_from_slice(&header);
+                    out.extend_from_slice(&payload);
+                }
                 Outgoing::Ranges {
                     header,
                     ranges,
@@ -457,6 +467,7 @@ mod tests {
         let content: Vec<u8> = (0..200_000u32).map(|index| (index % 251) as u8).collect();
         segment.write_all(&content).expect("write segment");
         for version in [4, 11, 12] {
+            // The last partition's batches are all in memory (no ranges).
             let records = [
                 (100u64, 150_000u64, &b"tail-one"[..]),
                 (7, 0, &b""[..]),
@@ -467,14 +478,27 @@ mod tests {
             for (index, (position, length, tail)) in records.iter().enumerate() {
                 let marker = splice_marker(spliced.len());
                 let fd = std::os::fd::OwnedFd::from(segment.try_clone().expect("dup"));
-                spliced.push(Spliced {
-                    marker,
-                    ranges: vec![SendRange {
+                let in_memory = index == 2;
+                let ranges = if in_memory {
+                    Vec::new()
+                } else {
+                    vec![SendRange {
                         fd,
                         position: *position,
                         length: *length,
-                    }],
-                    tail: tail.to_vec(),
+                    }]
+                };
+                let mut bytes = Vec::new();
+                if in_memory {
+                    bytes.extend_from_slice(
+                        &content[*position as usize..(*position + *length) as usize],
+                    );
+                }
+                bytes.extend_from_slice(tail);
+                spliced.push(Spliced {
+                    marker,
+                    ranges,
+                    tail: bytes,
                 });
                 partitions.push(
                     PartitionData::default()

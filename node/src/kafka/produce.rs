@@ -109,7 +109,7 @@ pub async fn dispatch(
                 let (reply, answer) = oneshot::channel();
                 let op = ShardOp::Produce {
                     key: (name.clone(), partition),
-                    batch: records.to_vec(),
+                    batch: records.clone(),
                     acks,
                     reply,
                 };
