@@ -26,8 +26,22 @@ pub fn rill_binary() -> PathBuf {
         .expect("target profile directory");
     let binary = profile_dir.join("rill");
     if !binary.exists() {
+        // Built with the profile the tests were: target/debug is `dev`, any
+        // other directory is named after its profile.
+        let profile = match profile_dir.file_name().and_then(|name| name.to_str()) {
+            Some("debug") | None => "dev",
+            Some(name) => name,
+        };
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "rill-node", "--bin", "rill"])
+            .args([
+                "build",
+                "-p",
+                "rill-node",
+                "--bin",
+                "rill",
+                "--profile",
+                profile,
+            ])
             .status()
             .expect("run cargo build for the rill binary");
         assert!(status.success(), "building the rill binary failed");
