@@ -2,10 +2,16 @@
 //! code that `rill-node` runs: bytes and events in, values and actions out,
 //! time passed in, no sockets and no runtime.
 //!
-//! Today it holds MQTT 3.1.1 and 5.0 ([`mqtt`]): the packet codec and topic
+//! It holds MQTT 3.1.1 and 5.0 ([`mqtt`]): the packet codec and topic
 //! rules, and the server's pure parts on top of them (the per-connection
 //! session state machine, the topic mapping, the subscription index, the
-//! retained store, authentication). The upstream MQTT bridge and the
-//! replicator to central Kafka clusters come later.
+//! retained store, authentication); and the replicator to central Kafka
+//! clusters ([`replicator`]): what to mirror and how fast, the uplink's
+//! record batches, progress and reconciliation, and the Kafka producer
+//! connection. The upstream MQTT bridge comes later.
 
 pub mod mqtt;
+pub mod replicator;
+mod stored;
+
+pub use stored::StoredDecodeError;

@@ -1,0 +1,519 @@
+//! Kafka v2 record batches for the uplink, and reading them back.
+//!
+//! [`BatchBuilder`] turns source records into one destination batch: key,
+//! value, headers (order and duplicates kept) and timestamp as they were,
+//! plus one provenance header, [`PROVENANCE_HEADER`], naming where the
+//! record came from. A batch holds records of one source partition bound
+//! for one destination partition, so the provenance of a batch's last
+//! record says how far that source partition had got when the batch was
+//! written; that is what reconciliation reads back
+//! ([`last_provenance`]). The builder bounds a batch by its uncompressed
+//! bytes and its record count and says when its linger time is up; it is
+//! compressed (gzip, snappy, lz4 or zstd) when finished. The producer id,
+//! epoch and base sequence are written by [`stamp`] just before a batch is
+//! first sent and again if the producer session changes; they sit inside
+//! the CRC, which `stamp` computes again.
+//!
+//! The records are written here rather than with `kafka-protocol`'s
+//! `records` module because that module keeps headers in a map (a record
+//! with two headers of one name would lose one) and decompresses without a
+//! bound; the codecs are in [`compression`] on their own crates.
+//!
+//! The provenance header's value is UTF-8 text, `EDGE/TOPIC/PARTITION/OFFSET`
+//! (for example `truck-17/gps/3/120045`): the edge id (no `/` allowed), the
+//! source topic, and the source partition and offset in decimal. It is
+//! parsed from both ends (the first `/` ends the edge id, the last two
+//! start the numbers), so a topic name may hold any character. Text costs
+//! a few bytes more than binary before compression and almost nothing
+//! after, and any consumer (kcat, a Java or Python client) can read it for
+//! deduplication downstream. A record that already carries the header
+//! (mirrored before, from another edge) keeps it; the replicator's own is
+//! added last, and the last one is the one that counts.
+
+use std::borrow::Cow;
+
+use rill_core::batch::{
+    BATCH_HEADER_BYTES, BATCH_LENGTH_PREFIX_BYTES, BatchError, BatchHeader, Header, MAGIC_V2,
+    RecordIter, check_batch,
+};
+
+pub mod compression;
+
+pub use compression::CodecError;
+pub use rill_core::batch::Compression;
+
+/// The header that says where a mirrored record came from.
+pub const PROVENANCE_HEADER: &str = "rill.source";
+
+/// Where a mirrored record came from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Provenance {
+    pub edge_id: String,
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+}
+
+impl Provenance {
+    /// The header value, `EDGE/TOPIC/PARTITION/OFFSET`.
+    pub fn encode(&self) -> String {
+        debug_assert!(!self.edge_id.contains('/'), "edge ids are validated");
+        format!(
+            "{}/{}/{}/{}",
+            self.edge_id, self.topic, self.partition, self.offset
+        )
+    }
+
+    /// Parses a header value; `None` when it is not one.
+    pub fn parse(value: &[u8]) -> Option<Provenance> {
+        let text = std::str::from_utf8(value).ok()?;
+        let (edge_id, rest) = text.split_once('/')?;
+        let (rest, offset) = rest.rsplit_once('/')?;
+        let (topic, partition) = rest.rsplit_once('/')?;
+        let decimal = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if edge_id.is_empty() || topic.is_empty() || !decimal(partition) || !decimal(offset) {
+            return None;
+        }
+        Some(Provenance {
+            edge_id: edge_id.to_owned(),
+            topic: topic.to_owned(),
+            partition: partition.parse().ok()?,
+            offset: offset.parse().ok()?,
+        })
+    }
+}
+
+/// One record as read from the source log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceRecord<'a> {
+    /// Its offset in the source partition.
+    pub offset: u64,
+    pub timestamp_ms: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub headers: Vec<Header<'a>>,
+}
+
+/// Why bytes are not a usable batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchDecodeError {
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("batch holds {found} records but its header says {declared}")]
+    RecordCountMismatch { declared: i32, found: u64 },
+    #[error("batch offsets or timestamps overflow")]
+    Overflow,
+    #[error("batch header says {length} bytes follow, which no batch can be")]
+    BadLength { length: i32 },
+}
+
+/// One checked batch with its records section decompressed.
+#[derive(Debug, Clone)]
+pub struct DecodedBatch<'a> {
+    pub header: BatchHeader,
+    records: Cow<'a, [u8]>,
+}
+
+/// Checks one batch (length, magic, CRC-32C, counts) and decompresses its
+/// records into at most `uncompressed_bytes_max` bytes.
+pub fn decode_batch(
+    bytes: &[u8],
+    uncompressed_bytes_max: usize,
+) -> Result<DecodedBatch<'_>, BatchDecodeError> {
+    let header = check_batch(bytes)?;
+    let section = &bytes[BATCH_HEADER_BYTES..];
+    let compression = header.compression().unwrap_or(Compression::None);
+    let records = match compression {
+        Compression::None => Cow::Borrowed(section),
+        codec => Cow::Owned(compression::decompress(
+            codec,
+            section,
+            uncompressed_bytes_max,
+        )?),
+    };
+    Ok(DecodedBatch { header, records })
+}
+
+impl DecodedBatch<'_> {
+    /// The records with their source offsets and timestamps made absolute
+    /// (a log-append-time batch gives every record its max timestamp, as
+    /// Kafka does). Stops at the first malformed record, and reports a
+    /// count that disagrees with the header at the end.
+    pub fn records(&self) -> impl Iterator<Item = Result<SourceRecord<'_>, BatchDecodeError>> {
+        let header = self.header;
+        let mut inner = RecordIter::new(&self.records);
+        let mut found = 0u64;
+        let mut done = false;
+        std::iter::from_fn(move || {
+            if done {
+                return None;
+            }
+            match inner.next() {
+                None => {
+                    done = true;
+                    (found != header.record_count as u64).then_some(Err(
+                        BatchDecodeError::RecordCountMismatch {
+                            declared: header.record_count,
+                            found,
+                        },
+                    ))
+                }
+                Some(Err(error)) => {
+                    done = true;
+                    Some(Err(error.into()))
+                }
+                Some(Ok(view)) => {
+                    found += 1;
+                    let offset = header
+                        .base_offset
+                        .checked_add(i64::from(view.offset_delta))
+                        .and_then(|offset| u64::try_from(offset).ok());
+                    let timestamp_ms = if header.is_log_append_time() {
+                        Some(header.max_timestamp)
+                    } else {
+                        header.base_timestamp.checked_add(view.timestamp_delta)
+                    };
+                    let (Some(offset), Some(timestamp_ms)) = (offset, timestamp_ms) else {
+                        done = true;
+                        return Some(Err(BatchDecodeError::Overflow));
+                    };
+                    Some(Ok(SourceRecord {
+                        offset,
+                        timestamp_ms,
+                        key: view.key,
+                        value: view.value,
+                        headers: view.headers,
+                    }))
+                }
+            }
+        })
+    }
+}
+
+/// Splits concatenated batches (a fetch response's records, a log read)
+/// into single batches. A batch cut short at the end (a fetch stops at its
+/// byte limit) ends the iteration; a length no batch can have is an error.
+pub fn split_batches(bytes: &[u8]) -> impl Iterator<Item = Result<&[u8], BatchDecodeError>> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        let length = rest.get(8..12)?;
+        let length = i32::from_be_bytes([length[0], length[1], length[2], length[3]]);
+        let total = usize::try_from(length)
+            .ok()
+            .and_then(|length| length.checked_add(BATCH_LENGTH_PREFIX_BYTES))
+            .filter(|&total| total >= BATCH_HEADER_BYTES);
+        let Some(total) = total else {
+            rest = &[];
+            return Some(Err(BatchDecodeError::BadLength { length }));
+        };
+        if total > rest.len() {
+            return None;
+        }
+        let (batch, after) = rest.split_at(total);
+        rest = after;
+        Some(Ok(batch))
+    })
+}
+
+/// The provenance of a batch's last record (its last provenance header),
+/// or `None` when that record has none: the batch was not written by a
+/// replicator. Control batches (transaction markers) have none either.
+pub fn last_provenance(
+    batch: &[u8],
+    uncompressed_bytes_max: usize,
+) -> Result<Option<Provenance>, BatchDecodeError> {
+    let decoded = decode_batch(batch, uncompressed_bytes_max)?;
+    if decoded.header.is_control() {
+        return Ok(None);
+    }
+    let mut last = None;
+    for record in decoded.records() {
+        last = Some(record?);
+    }
+    Ok(last.and_then(|record| {
+        record
+            .headers
+            .iter()
+            .rev()
+            .find(|header| header.key == PROVENANCE_HEADER.as_bytes())
+            .and_then(|header| header.value)
+            .and_then(Provenance::parse)
+    }))
+}
+
+/// Bounds on one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// The records section before compression, header excluded. Keep it
+    /// below the destination's `max.message.bytes` with room to spare:
+    /// incompressible data grows slightly when compressed.
+    pub batch_bytes_max: usize,
+    pub batch_records_max: u32,
+    /// How long the first record may wait for more to join it.
+    pub linger_ms: u64,
+}
+
+impl Default for BatchLimits {
+    fn default() -> BatchLimits {
+        BatchLimits {
+            batch_bytes_max: 512 * 1024,
+            batch_records_max: 10_000,
+            linger_ms: 50,
+        }
+    }
+}
+
+/// Why a record was not added.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// The batch cannot take this record: finish it and push again.
+    #[error("the batch is full")]
+    Full,
+    /// The record alone is over the batch limit: it can never be sent
+    /// within these limits.
+    #[error("record of {record_bytes} bytes is over the batch limit of {batch_bytes_max} bytes")]
+    RecordTooLarge {
+        record_bytes: usize,
+        batch_bytes_max: usize,
+    },
+    /// Records of one batch come from one source partition, in offset
+    /// order.
+    #[error("record does not follow the batch's source partition in order")]
+    OutOfOrder,
+}
+
+/// A finished batch, not yet stamped with a producer session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducerBatch {
+    /// The whole batch: base offset 0, producer id -1 until [`stamp`].
+    pub bytes: Vec<u8>,
+    pub record_count: u32,
+    /// The source partition's offsets of the first and last record.
+    pub first_source_offset: u64,
+    pub last_source_offset: u64,
+    /// The records section before compression.
+    pub uncompressed_bytes: usize,
+}
+
+const OFFSET_CRC: usize = 17;
+const OFFSET_ATTRIBUTES: usize = 21;
+const OFFSET_PRODUCER_ID: usize = 43;
+
+/// Writes the producer session into a batch and computes its CRC again.
+pub fn stamp(batch: &mut [u8], producer_id: i64, producer_epoch: i16, base_sequence: i32) {
+    assert!(batch.len() >= BATCH_HEADER_BYTES, "stamp a finished batch");
+    batch[OFFSET_PRODUCER_ID..OFFSET_PRODUCER_ID + 8].copy_from_slice(&producer_id.to_be_bytes());
+    batch[OFFSET_PRODUCER_ID + 8..OFFSET_PRODUCER_ID + 10]
+        .copy_from_slice(&producer_epoch.to_be_bytes());
+    batch[OFFSET_PRODUCER_ID + 10..OFFSET_PRODUCER_ID + 14]
+        .copy_from_slice(&base_sequence.to_be_bytes());
+    let crc = crc32c::crc32c(&batch[OFFSET_ATTRIBUTES..]);
+    batch[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// The codec's number in a batch's attributes, as Kafka defines it.
+fn codec_attribute(compression: Compression) -> i16 {
+    match compression {
+        Compression::None => 0,
+        Compression::Gzip => 1,
+        Compression::Snappy => 2,
+        Compression::Lz4 => 3,
+        Compression::Zstd => 4,
+    }
+}
+
+fn put_varlong(out: &mut Vec<u8>, value: i64) {
+    let mut raw = ((value << 1) ^ (value >> 63)) as u64;
+    loop {
+        let byte = (raw & 0x7f) as u8;
+        raw >>= 7;
+        if raw == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn put_nullable(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+    match bytes {
+        None => put_varlong(out, -1),
+        Some(bytes) => {
+            put_varlong(out, bytes.len() as i64);
+            out.extend_from_slice(bytes);
+        }
+    }
+}
+
+/// Collects the records of one destination batch.
+#[derive(Debug)]
+pub struct BatchBuilder {
+    compression: Compression,
+    limits: BatchLimits,
+    records: Vec<u8>,
+    count: u32,
+    base_timestamp_ms: i64,
+    max_timestamp_ms: i64,
+    first_source_offset: u64,
+    last_source_offset: u64,
+    opened_at_ms: u64,
+    full: bool,
+    scratch: Vec<u8>,
+}
+
+impl BatchBuilder {
+    pub fn new(compression: Compression, limits: BatchLimits) -> BatchBuilder {
+        assert!(
+            limits.batch_bytes_max > 0 && limits.batch_records_max > 0,
+            "a batch holds at least one record"
+        );
+        BatchBuilder {
+            compression,
+            limits,
+            records: Vec::new(),
+            count: 0,
+            base_timestamp_ms: 0,
+            max_timestamp_ms: 0,
+            first_source_offset: 0,
+            last_source_offset: 0,
+            opened_at_ms: 0,
+            full: false,
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn record_count(&self) -> u32 {
+        self.count
+    }
+
+    /// The records section so far, before compression.
+    pub fn uncompressed_bytes(&self) -> usize {
+        self.records.len()
+    }
+
+    /// The source offset of the first record, while not empty.
+    pub fn first_source_offset(&self) -> Option<u64> {
+        (!self.is_empty()).then_some(self.first_source_offset)
+    }
+
+    /// When the batch should be finished: now if it is full, else when the
+    /// first record's linger time ends; `None` while empty.
+    pub fn ready_at_ms(&self) -> Option<u64> {
+        if self.is_empty() {
+            None
+        } else if self.full {
+            Some(self.opened_at_ms)
+        } else {
+            Some(self.opened_at_ms.saturating_add(self.limits.linger_ms))
+        }
+    }
+
+    /// Adds a record with its provenance header last.
+    pub fn push(
+        &mut self,
+        record: &SourceRecord<'_>,
+        provenance: &Provenance,
+        now_ms: u64,
+    ) -> Result<(), PushError> {
+        if !self.is_empty() && record.offset <= self.last_source_offset {
+            return Err(PushError::OutOfOrder);
+        }
+        if self.count >= self.limits.batch_records_max {
+            self.full = true;
+            return Err(PushError::Full);
+        }
+        let base_timestamp_ms = if self.is_empty() {
+            record.timestamp_ms
+        } else {
+            self.base_timestamp_ms
+        };
+        let provenance = provenance.encode();
+        let body = &mut self.scratch;
+        body.clear();
+        body.push(0); // record attributes: unused in v2
+        put_varlong(body, record.timestamp_ms.wrapping_sub(base_timestamp_ms));
+        put_varlong(body, i64::from(self.count));
+        put_nullable(body, record.key);
+        put_nullable(body, record.value);
+        put_varlong(body, record.headers.len() as i64 + 1);
+        for header in &record.headers {
+            put_nullable(body, Some(header.key));
+            put_nullable(body, header.value);
+        }
+        put_nullable(body, Some(PROVENANCE_HEADER.as_bytes()));
+        put_nullable(body, Some(provenance.as_bytes()));
+        let mut length = Vec::with_capacity(5);
+        put_varlong(&mut length, body.len() as i64);
+        let record_bytes = length.len() + body.len();
+        if record_bytes > self.limits.batch_bytes_max {
+            return Err(PushError::RecordTooLarge {
+                record_bytes,
+                batch_bytes_max: self.limits.batch_bytes_max,
+            });
+        }
+        if self.records.len() + record_bytes > self.limits.batch_bytes_max {
+            self.full = true;
+            return Err(PushError::Full);
+        }
+        if self.is_empty() {
+            self.base_timestamp_ms = record.timestamp_ms;
+            self.max_timestamp_ms = record.timestamp_ms;
+            self.first_source_offset = record.offset;
+            self.opened_at_ms = now_ms;
+        }
+        self.max_timestamp_ms = self.max_timestamp_ms.max(record.timestamp_ms);
+        self.last_source_offset = record.offset;
+        self.records.extend_from_slice(&length);
+        self.records.extend_from_slice(&self.scratch);
+        self.count += 1;
+        if self.count >= self.limits.batch_records_max {
+            self.full = true;
+        }
+        Ok(())
+    }
+
+    /// Compresses and frames the batch, and empties the builder. The batch
+    /// carries no producer session until [`stamp`].
+    pub fn finish(&mut self) -> Result<ProducerBatch, CodecError> {
+        assert!(!self.is_empty(), "finish a batch with records");
+        let section = compression::compress(self.compression, &self.records)?;
+        let mut batch = Vec::with_capacity(BATCH_HEADER_BYTES + section.len());
+        let batch_length = (BATCH_HEADER_BYTES - BATCH_LENGTH_PREFIX_BYTES + section.len()) as i32;
+        let attributes = codec_attribute(self.compression);
+        let count = self.count as i32;
+        batch.extend_from_slice(&0i64.to_be_bytes()); // base offset: the broker assigns it
+        batch.extend_from_slice(&batch_length.to_be_bytes());
+        batch.extend_from_slice(&(-1i32).to_be_bytes()); // partition leader epoch
+        batch.push(MAGIC_V2);
+        batch.extend_from_slice(&0u32.to_be_bytes()); // CRC: stamp writes it
+        batch.extend_from_slice(&attributes.to_be_bytes());
+        batch.extend_from_slice(&(count - 1).to_be_bytes());
+        batch.extend_from_slice(&self.base_timestamp_ms.to_be_bytes());
+        batch.extend_from_slice(&self.max_timestamp_ms.to_be_bytes());
+        batch.extend_from_slice(&[0; 14]); // producer id, epoch, base sequence: stamp writes them
+        batch.extend_from_slice(&count.to_be_bytes());
+        debug_assert_eq!(batch.len(), BATCH_HEADER_BYTES);
+        batch.extend_from_slice(&section);
+        stamp(&mut batch, -1, -1, -1);
+        let finished = ProducerBatch {
+            bytes: batch,
+            record_count: self.count,
+            first_source_offset: self.first_source_offset,
+            last_source_offset: self.last_source_offset,
+            uncompressed_bytes: self.records.len(),
+        };
+        self.records.clear();
+        self.count = 0;
+        self.full = false;
+        Ok(finished)
+    }
+}
+
+#[cfg(test)]
+mod tests;
