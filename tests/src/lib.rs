@@ -3,6 +3,9 @@
 //! a signal or kill it, and talk HTTP to its admin listener.
 //!
 //! Waiting is always polling a condition with a deadline, never a bare sleep.
+//! [`proxy`] puts a controllable TCP hop between a client and the broker.
+
+pub mod proxy;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -23,8 +26,22 @@ pub fn rill_binary() -> PathBuf {
         .expect("target profile directory");
     let binary = profile_dir.join("rill");
     if !binary.exists() {
+        // Built with the profile the tests were: target/debug is `dev`, any
+        // other directory is named after its profile.
+        let profile = match profile_dir.file_name().and_then(|name| name.to_str()) {
+            Some("debug") | None => "dev",
+            Some(name) => name,
+        };
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "rill-node", "--bin", "rill"])
+            .args([
+                "build",
+                "-p",
+                "rill-node",
+                "--bin",
+                "rill",
+                "--profile",
+                profile,
+            ])
             .status()
             .expect("run cargo build for the rill binary");
         assert!(status.success(), "building the rill binary failed");
@@ -99,12 +116,36 @@ pub fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String
     Ok((status, body))
 }
 
+/// The loopback addresses a broker listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    pub native: SocketAddr,
+    pub admin: SocketAddr,
+    pub kafka: SocketAddr,
+    pub mqtt: SocketAddr,
+}
+
+impl Ports {
+    /// Free ports for every listener, so a test can know them (and, say, put
+    /// a proxy in front of one) before the broker starts.
+    pub fn free() -> Self {
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        Self {
+            native: loopback(free_port()),
+            admin: loopback(free_port()),
+            kafka: loopback(free_port()),
+            mqtt: loopback(free_port()),
+        }
+    }
+}
+
 /// A running broker process.
 pub struct Broker {
     child: Option<Child>,
     pub native: SocketAddr,
-    pub kafka: SocketAddr,
     pub admin: SocketAddr,
+    /// The Kafka wire-protocol listener.
+    pub kafka: SocketAddr,
     pub mqtt: SocketAddr,
     pub data_dir: PathBuf,
     settings: Vec<String>,
@@ -114,14 +155,19 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker on a fresh data directory with `settings` (`key=value`).
     pub fn start(settings: &[&str]) -> Self {
+        Self::start_on(Ports::free(), settings)
+    }
+
+    /// Starts a broker on a fresh data directory, listening on `ports`.
+    pub fn start_on(ports: Ports, settings: &[&str]) -> Self {
         let temporary = tempfile::tempdir().expect("temporary data directory");
         let data_dir = temporary.path().join("data");
         let mut broker = Self {
             child: None,
-            native: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            kafka: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            mqtt: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            native: ports.native,
+            admin: ports.admin,
+            kafka: ports.kafka,
+            mqtt: ports.mqtt,
             data_dir,
             settings: settings.iter().map(|setting| setting.to_string()).collect(),
             _temporary: Some(temporary),
@@ -154,6 +200,11 @@ impl Broker {
         self.native.to_string()
     }
 
+    /// The Kafka listener as `host:port` (a bootstrap server).
+    pub fn kafka_address(&self) -> String {
+        self.kafka.to_string()
+    }
+
     fn spawn(&mut self) {
         let mut command = rill_command();
         command
@@ -163,9 +214,9 @@ impl Broker {
             .arg("--set")
             .arg(format!("listeners.native={}", self.native))
             .arg("--set")
-            .arg(format!("listeners.kafka={}", self.kafka))
-            .arg("--set")
             .arg(format!("listeners.admin={}", self.admin))
+            .arg("--set")
+            .arg(format!("listeners.kafka={}", self.kafka))
             .arg("--set")
             .arg(format!("listeners.mqtt={}", self.mqtt));
         for setting in &self.settings {
