@@ -234,6 +234,49 @@ fn mqtt_publishes_are_records_and_native_records_reach_mqtt() {
     let native = subscriber.receive();
     assert_eq!(native.topic, "sensors/dev9/temperature");
     assert_eq!(native.payload.as_ref(), b"19.0");
+
+    // A compressed batch, as Kafka producers send them: delivered too.
+    runtime().block_on(async {
+        use rill_edge_bridge::replicator::batch::{
+            BatchBuilder, BatchLimits, Provenance, SourceRecord,
+        };
+        let limits = BatchLimits {
+            batch_bytes_max: 1 << 20,
+            batch_records_max: 16,
+            linger_ms: 0,
+        };
+        let mut builder = BatchBuilder::new(rill_core::batch::Compression::Zstd, limits);
+        let provenance = Provenance {
+            edge_id: "test".into(),
+            topic: "elsewhere".into(),
+            partition: 0,
+            offset: 0,
+        };
+        let record = SourceRecord {
+            offset: 0,
+            timestamp_ms: 1_700_000_000_000,
+            key: Some(b"dev11"),
+            value: Some(b"17.25"),
+            headers: Vec::new(),
+        };
+        builder.push(&record, &provenance, 0).expect("record fits");
+        let batch = builder.finish().expect("compressed batch");
+        let client = NativeClient::connect(&broker.address(), ClientConfig::default())
+            .await
+            .expect("native connect");
+        client
+            .produce(
+                "sensor-temperature",
+                Target::Key(b"dev11"),
+                Acks::Durable,
+                &batch.bytes,
+            )
+            .await
+            .expect("native produce of a zstd batch");
+    });
+    let compressed = subscriber.receive();
+    assert_eq!(compressed.topic, "sensors/dev11/temperature");
+    assert_eq!(compressed.payload.as_ref(), b"17.25");
     publisher.disconnect();
     subscriber.disconnect();
 }

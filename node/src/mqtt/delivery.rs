@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rill_core::batch::{BATCH_HEADER_BYTES, BatchHeader, Compression, RecordIter, check_batch};
+use rill_core::batch::{BatchHeader, check_batch};
 use rill_edge_bridge::mqtt::mapping::publisher_of_record;
 use rill_edge_bridge::mqtt::session::{DeliveryOutcome, LogPosition};
 use rill_protocol::{ErrorCode, OffsetSpec};
@@ -310,9 +310,12 @@ pub(crate) struct RecordRef<'a> {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
-/// Calls `visit` for each record of the uncompressed batches in `bytes`
-/// until it returns `false`. Compressed batches (from Kafka producers) are
-/// skipped, as are control batches; a cut-off last batch ends the walk.
+/// Most bytes a compressed batch may decompress to before it is refused.
+const DECOMPRESSED_BATCH_BYTES_MAX: usize = 64 << 20;
+
+/// Calls `visit` for each record of the batches in `bytes` until it returns
+/// `false`. Compressed batches (from Kafka producers) are decompressed,
+/// bounded; control batches are skipped; a cut-off last batch ends the walk.
 fn walk_records(bytes: &[u8], mut visit: impl FnMut(RecordRef<'_>) -> bool) -> Result<(), String> {
     let mut rest = bytes;
     while !rest.is_empty() {
@@ -335,14 +338,12 @@ fn walk_records(bytes: &[u8], mut visit: impl FnMut(RecordRef<'_>) -> bool) -> R
         if header.is_control() {
             continue;
         }
-        if header.compression() != Some(Compression::None) {
-            tracing::debug!(
-                base_offset = header.base_offset,
-                "compressed batch not delivered to MQTT"
-            );
-            continue;
-        }
-        for record in RecordIter::new(&batch[BATCH_HEADER_BYTES..]) {
+        // Compressed batches (Kafka producers compress) are decompressed,
+        // bounded; uncompressed ones are read in place.
+        let decoded =
+            rill_edge_bridge::replicator::batch::decode_batch(batch, DECOMPRESSED_BATCH_BYTES_MAX)
+                .map_err(|error| format!("batch at offset {}: {error}", header.base_offset))?;
+        for record in decoded.records() {
             let record = record
                 .map_err(|error| format!("batch at offset {}: {error}", header.base_offset))?;
             let headers = record
@@ -356,7 +357,7 @@ fn walk_records(bytes: &[u8], mut visit: impl FnMut(RecordRef<'_>) -> bool) -> R
                 })
                 .collect();
             let keep_going = visit(RecordRef {
-                offset: header.base_offset + i64::from(record.offset_delta),
+                offset: record.offset as i64,
                 key: record.key,
                 value: record.value.unwrap_or_default(),
                 headers,
