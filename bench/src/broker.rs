@@ -96,12 +96,7 @@ impl BrokerProcess {
 
     /// Bytes the broker has caused to be sent to the block layer (/proc/PID/io).
     pub fn write_bytes(&self) -> anyhow::Result<u64> {
-        let io = std::fs::read_to_string(format!("/proc/{}/io", self.pid()))?;
-        Ok(io
-            .lines()
-            .find_map(|line| line.strip_prefix("write_bytes:"))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or(0))
+        process_write_bytes(self.pid())
     }
 
     /// (current resident KiB, peak resident KiB) from /proc/PID/status.
@@ -161,6 +156,18 @@ pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     // SAFETY: sysconf with a valid name.
     let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Ok(ticks / ticks_per_second)
+}
+
+/// Bytes process `pid` has caused to be sent to the block layer, from
+/// /proc/PID/io (needs the same user, or root).
+pub fn process_write_bytes(pid: u32) -> anyhow::Result<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .with_context(|| format!("reading /proc/{pid}/io"))?;
+    Ok(io
+        .lines()
+        .find_map(|line| line.strip_prefix("write_bytes:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0))
 }
 
 /// CPU seconds (user + system) this process has used, all its threads
