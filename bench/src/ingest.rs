@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::broker::BrokerProcess;
+use crate::limits;
 use crate::mqtt::{self, Load, Pace, Phase, SUBSCRIBER_FILTER, Timing};
 use crate::peers::MosquittoServer;
 use crate::report::Row;
@@ -44,6 +45,8 @@ pub struct Plan {
     pub latency: Timing,
     /// Also measure Rill with the fsync policies the profile does not pick.
     pub other_fsync_policies: bool,
+    /// Syncs of the fdatasync limit measured before the latency phases.
+    pub fdatasync_samples: usize,
 }
 
 impl Plan {
@@ -69,6 +72,7 @@ impl Plan {
                     drain_max: Duration::from_secs(10),
                 },
                 other_fsync_policies: false,
+                fdatasync_samples: 50,
             }
         } else {
             Self {
@@ -91,6 +95,7 @@ impl Plan {
                     drain_max: Duration::from_secs(30),
                 },
                 other_fsync_policies: true,
+                fdatasync_samples: 1000,
             }
         }
     }
@@ -259,6 +264,15 @@ impl Measured {
     fn median_messages_per_second(&self) -> f64 {
         median(self.phases.iter().map(Phase::messages_per_second).collect())
     }
+
+    fn median_broker_cpu_seconds_per_million(&self) -> f64 {
+        median(
+            self.phases
+                .iter()
+                .map(Phase::broker_cpu_seconds_per_million)
+                .collect(),
+        )
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -278,9 +292,9 @@ fn spread(values: &[f64]) -> (f64, f64) {
 /// The broker's name in a row.
 fn label(broker: &Broker, log: Option<&RillLog>, profile_fsync: &str) -> String {
     match broker {
-        Broker::Rill(None) => format!("Rill, fsync {profile_fsync} (profile default)"),
+        Broker::Rill(None) => format!("Rill fsync {profile_fsync} (profile default)"),
         Broker::Rill(Some(_)) => format!(
-            "Rill, fsync {}",
+            "Rill fsync {}",
             log.map_or("unknown", |log| log.fsync.as_str())
         ),
         Broker::Mosquitto => format!("Mosquitto {}", MosquittoServer::version()),
@@ -297,8 +311,8 @@ fn driver(broker: &Broker) -> &'static str {
 pub fn scenario(data_dir: &Path, smoke: bool) -> anyhow::Result<Vec<Row>> {
     let plan = Plan::new(smoke);
     let load = plan.load;
-    let shape = format!(
-        "MQTT QoS 1 ingest, {} B payloads, {} clients x {} in flight",
+    let details = format!(
+        "QoS 1, {} B payloads, {} clients x {} in flight",
         load.payload_bytes, load.clients, load.window_messages
     );
 
@@ -392,17 +406,17 @@ pub fn scenario(data_dir: &Path, smoke: bool) -> anyhow::Result<Vec<Row>> {
 
     let mut rows = Vec::new();
     for subscribe in [false, true] {
-        let shape = if subscribe {
-            format!("{shape}, one QoS 0 subscriber on {SUBSCRIBER_FILTER}")
+        let audience = if subscribe {
+            format!("one QoS 0 subscriber on {SUBSCRIBER_FILTER}")
         } else {
-            format!("{shape}, no subscriber")
+            "no subscriber".to_string()
         };
         let mosquitto = measured
             .iter()
             .find(|entry| entry.broker == Broker::Mosquitto && entry.subscribe == subscribe);
         for entry in measured.iter().filter(|entry| entry.subscribe == subscribe) {
             rows.push(throughput_row(
-                &shape,
+                &format!("{audience}: {details}"),
                 entry,
                 mosquitto,
                 &profile_fsync,
@@ -411,13 +425,37 @@ pub fn scenario(data_dir: &Path, smoke: bool) -> anyhow::Result<Vec<Row>> {
         }
         if mosquitto.is_none() {
             rows.push(
-                Row::new(&format!("{shape}: Mosquitto"), "mosquitto", 0.0, "msg/s").note(format!(
+                Row::new(
+                    &format!("MQTT ingest, Mosquitto, {audience}: {details}"),
+                    "mosquitto",
+                    0.0,
+                    "msg/s",
+                )
+                .note(format!(
                     "UNAVAILABLE: {}",
                     mosquitto_unavailable.as_deref().unwrap_or("not measured")
                 )),
             );
         }
     }
+
+    // The disk's own sync latency, next to the brokers' acknowledgements.
+    let sync = {
+        let run = RunDirectory::new(data_dir, "limits")?;
+        limits::fdatasync_latency(run.path(), plan.fdatasync_samples).context("fdatasync limit")?
+    };
+    rows.push(
+        Row::new(
+            "limit: fdatasync after a 4 KiB write, p99 (before the MQTT latency phases)",
+            "raw",
+            sync.p99_us,
+            "us",
+        )
+        .note(format!(
+            "p50 {:.0} µs, max {:.0} µs, {} syncs",
+            sync.p50_us, sync.max_us, sync.samples
+        )),
+    );
 
     // Latency at a rate every broker sustains.
     let slowest = measured
@@ -460,10 +498,10 @@ pub fn scenario(data_dir: &Path, smoke: bool) -> anyhow::Result<Vec<Row>> {
             broker.clone(),
             Row::new(
                 &format!(
-                    "MQTT QoS 1 PUBACK latency at {rate:.0} msg/s offered ({} clients, {} B payloads), p99: {}",
-                    load.clients,
+                    "MQTT PUBACK latency p99, {}: QoS 1 at {rate:.0} msg/s offered, {} B payloads, {} clients",
+                    label(broker, log.as_ref(), &profile_fsync),
                     load.payload_bytes,
-                    label(broker, log.as_ref(), &profile_fsync)
+                    load.clients,
                 ),
                 driver(broker),
                 quantile(0.99),
@@ -492,7 +530,10 @@ pub fn scenario(data_dir: &Path, smoke: bool) -> anyhow::Result<Vec<Row>> {
     if mosquitto_p99.is_none() {
         rows.push(
             Row::new(
-                &format!("MQTT QoS 1 PUBACK latency at {rate:.0} msg/s offered, p99: Mosquitto"),
+                &format!(
+                    "MQTT PUBACK latency p99, Mosquitto: QoS 1 at {rate:.0} msg/s offered, {} B payloads, {} clients",
+                    load.payload_bytes, load.clients,
+                ),
                 "mosquitto",
                 0.0,
                 "us",
@@ -520,13 +561,8 @@ fn throughput_row(
         .collect();
     let (min, max) = spread(&rates);
     let value = median(rates);
-    let broker_cpu = median(
-        entry
-            .phases
-            .iter()
-            .map(Phase::broker_cpu_seconds_per_million)
-            .collect(),
-    );
+    let broker_cpu = entry.median_broker_cpu_seconds_per_million();
+    let other_cores = median(entry.phases.iter().map(Phase::other_cores_busy).collect());
     let generator_cpu = median(
         entry
             .phases
@@ -534,8 +570,15 @@ fn throughput_row(
             .map(Phase::generator_cpu_seconds_per_million)
             .collect(),
     );
+    let written = median(
+        entry
+            .phases
+            .iter()
+            .map(Phase::broker_write_bytes_per_message)
+            .collect(),
+    );
     let mut note = format!(
-        "median of {} rounds of {} s (min {min:.0}, max {max:.0} msg/s); CPU per million messages: broker {broker_cpu:.2} s, load generator {generator_cpu:.2} s",
+        "median of {} rounds of {} s (min {min:.0}, max {max:.0} msg/s); CPU per million messages: broker {broker_cpu:.2} s, load generator {generator_cpu:.2} s; the broker wrote {written:.0} bytes to the block layer per message; other processes kept {other_cores:.1} cores busy meanwhile",
         entry.phases.len(),
         entry
             .phases
@@ -543,26 +586,39 @@ fn throughput_row(
             .map_or(0, |phase| phase.measured.as_secs()),
     );
     if subscribe {
-        let delivered: Vec<String> = entry
+        let delivered: Vec<(f64, f64)> = entry
             .phases
             .iter()
             .filter_map(|phase| {
                 let subscriber = phase.subscriber?;
-                Some(format!(
-                    "{:.1}% ({} s after the last PUBACK)",
+                Some((
                     100.0 * subscriber.received as f64 / phase.acknowledged_total.max(1) as f64,
-                    subscriber.after_last_ack.as_secs_f64().round()
+                    subscriber.after_last_ack.as_secs_f64(),
                 ))
             })
             .collect();
-        note.push_str(&format!(
-            "; the subscriber received {} of the messages published",
-            delivered.join(", ")
-        ));
+        let latest = delivered
+            .iter()
+            .map(|(_, after)| *after)
+            .fold(0.0, f64::max);
+        if delivered.iter().all(|(percent, _)| *percent >= 100.0) {
+            note.push_str(&format!(
+                "; the subscriber received every message published, at most {latest:.1} s after the last PUBACK"
+            ));
+        } else {
+            let percents: Vec<String> = delivered
+                .iter()
+                .map(|(percent, _)| format!("{percent:.1}%"))
+                .collect();
+            note.push_str(&format!(
+                "; the subscriber received {} of the messages published (by round; QoS 0 may be dropped), waiting until none came for 2 s",
+                percents.join(", ")
+            ));
+        }
     }
     let mut row = Row::new(
         &format!(
-            "{shape}: {}",
+            "MQTT ingest, {}, {shape}",
             label(&entry.broker, entry.log.as_ref(), profile_fsync)
         ),
         driver(&entry.broker),
@@ -577,6 +633,11 @@ fn throughput_row(
             ));
             match mosquitto {
                 Some(mosquitto) => {
+                    let efficiency = mosquitto.median_broker_cpu_seconds_per_million()
+                        / broker_cpu.max(f64::MIN_POSITIVE);
+                    note.push_str(&format!(
+                        "; per CPU second Rill handles {efficiency:.2}x the messages Mosquitto does"
+                    ));
                     row = row.against("Mosquitto", mosquitto.median_messages_per_second());
                     if !subscribe {
                         row = row.target(TARGET);

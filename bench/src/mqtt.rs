@@ -36,6 +36,7 @@ use rill_edge_bridge::mqtt::{Connect, Packet, Properties, ProtocolVersion, encod
 use self::publisher::generator_thread;
 use self::subscriber::Subscriber;
 use crate::broker::{own_cpu_seconds, process_cpu_seconds, process_write_bytes};
+use crate::machine::busy_cpu_seconds;
 
 /// The largest packet the generator accepts from a broker.
 const PACKET_BYTES_MAX: u32 = 1 << 20;
@@ -108,6 +109,9 @@ pub struct Phase {
     pub generator_cpu_seconds: f64,
     /// Bytes the broker sent to the block layer within the window.
     pub broker_write_bytes: u64,
+    /// CPU the rest of the machine (neither the broker nor this process)
+    /// used within the window: how shared the machine was.
+    pub other_cpu_seconds: f64,
     pub subscriber: Option<SubscriberFigures>,
 }
 
@@ -126,6 +130,11 @@ impl Phase {
 
     pub fn generator_cpu_seconds_per_million(&self) -> f64 {
         self.per_million(self.generator_cpu_seconds)
+    }
+
+    /// Cores the rest of the machine kept busy, on average, in the window.
+    pub fn other_cores_busy(&self) -> f64 {
+        self.other_cpu_seconds / self.measured.as_secs_f64()
     }
 
     pub fn broker_write_bytes_per_message(&self) -> f64 {
@@ -220,10 +229,14 @@ pub fn run_phase(
     let broker_cpu_before = process_cpu_seconds(broker_pid)?;
     let broker_written_before = process_write_bytes(broker_pid)?;
     let generator_cpu_before = own_cpu_seconds();
+    let machine_cpu_before = busy_cpu_seconds();
     std::thread::sleep(measured_until.saturating_duration_since(Instant::now()));
     let broker_cpu_seconds = process_cpu_seconds(broker_pid)? - broker_cpu_before;
     let broker_write_bytes = process_write_bytes(broker_pid)? - broker_written_before;
     let generator_cpu_seconds = own_cpu_seconds() - generator_cpu_before;
+    let other_cpu_seconds =
+        (busy_cpu_seconds() - machine_cpu_before - broker_cpu_seconds - generator_cpu_seconds)
+            .max(0.0);
     let mut phase = Phase {
         measured_acknowledged: 0,
         measured: timing.measured,
@@ -233,6 +246,7 @@ pub fn run_phase(
         broker_cpu_seconds,
         generator_cpu_seconds,
         broker_write_bytes,
+        other_cpu_seconds,
         subscriber: None,
     };
     let mut first_error = None;
