@@ -41,7 +41,6 @@ pub struct BrokerProcess {
     #[allow(dead_code)]
     pub kafka: String,
     /// The MQTT listener (free port), for MQTT scenarios.
-    #[allow(dead_code)]
     pub mqtt: String,
     pub admin: String,
 }
@@ -97,31 +96,12 @@ impl BrokerProcess {
 
     /// CPU seconds (user + system) the broker has used.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
-        // Fields after the command name, which is in parentheses.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 = fields
-            .get(11)
-            .and_then(|value| value.parse().ok())
-            .unwrap_or(0.0)
-            + fields
-                .get(12)
-                .and_then(|value| value.parse().ok())
-                .unwrap_or(0.0);
-        // SAFETY: sysconf with a valid name.
-        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        Ok(ticks / ticks_per_second)
+        process_cpu_seconds(self.pid())
     }
 
     /// Bytes the broker has caused to be sent to the block layer (/proc/PID/io).
     pub fn write_bytes(&self) -> anyhow::Result<u64> {
-        let io = std::fs::read_to_string(format!("/proc/{}/io", self.pid()))?;
-        Ok(io
-            .lines()
-            .find_map(|line| line.strip_prefix("write_bytes:"))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or(0))
+        process_write_bytes(self.pid())
     }
 
     /// (current resident KiB, peak resident KiB) from /proc/PID/status.
@@ -161,6 +141,49 @@ impl Drop for BrokerProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// CPU seconds (user + system) process `pid` has used, from /proc/PID/stat.
+pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0.0);
+    // SAFETY: sysconf with a valid name.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks / ticks_per_second)
+}
+
+/// Bytes process `pid` has caused to be sent to the block layer, from
+/// /proc/PID/io (needs the same user, or root).
+pub fn process_write_bytes(pid: u32) -> anyhow::Result<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .with_context(|| format!("reading /proc/{pid}/io"))?;
+    Ok(io
+        .lines()
+        .find_map(|line| line.strip_prefix("write_bytes:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// CPU seconds (user + system) this process has used, all its threads
+/// included: the load generator's share of the machine.
+pub fn own_cpu_seconds() -> f64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes only the struct it is given.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let seconds = |time: libc::timeval| time.tv_sec as f64 + time.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// A GET on the admin listener.

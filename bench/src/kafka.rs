@@ -25,7 +25,7 @@ use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer}
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use crate::broker::BrokerProcess;
+use crate::broker::{BrokerProcess, own_cpu_seconds};
 use crate::native;
 use crate::native::LatencyFigures;
 use crate::storage::{RECORD_VALUE_BYTES, RECORDS_PER_BATCH, producer_batch};
@@ -242,17 +242,6 @@ pub fn run(data_dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
         latency,
         peak_resident_kib,
     })
-}
-
-/// CPU seconds (user + system) this process has used, librdkafka's threads
-/// included.
-fn own_cpu_seconds() -> f64 {
-    // SAFETY: an all-zero rusage is a valid value for getrusage to fill.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes only the struct it is given.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let seconds = |time: libc::timeval| time.tv_sec as f64 + time.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// Times `work`, which moves `bytes`, with the CPU both sides spent on it.

@@ -89,6 +89,29 @@ pub fn process_write_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds every process on the machine has used since boot, summed
+/// over cores (`/proc/stat`): with this process's and the broker's taken
+/// away, what the rest of a shared machine took during a measurement.
+pub fn busy_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|line| line.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    // user nice system idle iowait irq softirq steal ...
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|value| value.parse().unwrap_or(0))
+        .collect();
+    let busy: u64 = [0usize, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&index| ticks.get(index))
+        .sum();
+    // SAFETY: sysconf with a valid name.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    busy as f64 / ticks_per_second
+}
+
 /// The device's sectors-written counter, to count what really reached it.
 pub struct DiskCounters {
     stat_path: String,

@@ -6,10 +6,12 @@
 //! the process with a clear message if the machine stalls.
 
 mod broker;
+mod ingest;
 #[cfg(feature = "kafka")]
 mod kafka;
 mod limits;
 mod machine;
+mod mqtt;
 mod native;
 mod peers;
 mod plot;
@@ -47,6 +49,11 @@ enum Scenario {
     /// ratio to native, produce latency at 20 MB/s with acks=all. Needs the
     /// `kafka` feature.
     Kafka,
+    /// MQTT QoS 1 ingest of 100-byte messages from many clients, every
+    /// message appended to the log, next to Mosquitto under the same load
+    /// generator: messages per second, PUBACK latency at a fixed rate, CPU
+    /// per million messages. Installs Mosquitto (Debian) when missing.
+    Mqtt,
 }
 
 /// Why the `kafka` scenario cannot run in this build.
@@ -150,6 +157,7 @@ fn run(arguments: &Arguments) -> anyhow::Result<()> {
         Scenario::Storage => storage_scenario(&data_dir, arguments.smoke)?,
         Scenario::Native => native_scenario(&data_dir, arguments.smoke)?,
         Scenario::Kafka => kafka_scenario(&data_dir, arguments.smoke)?,
+        Scenario::Mqtt => ingest::scenario(&data_dir, arguments.smoke)?,
         Scenario::Suite => {
             let mut rows = storage_scenario(&data_dir, arguments.smoke)?;
             rows.extend(native_scenario(&data_dir, arguments.smoke)?);
@@ -167,6 +175,7 @@ fn run(arguments: &Arguments) -> anyhow::Result<()> {
                     .note(format!("UNAVAILABLE: {KAFKA_UNAVAILABLE}")),
                 );
             }
+            rows.extend(ingest::scenario(&data_dir, arguments.smoke)?);
             rows
         }
     };

@@ -1,11 +1,13 @@
-//! Peer brokers in the same run, with the same load shape: today NATS
-//! JetStream with file storage (persisted, acknowledged publish). The harness
-//! installs the Debian package when it is missing and it can (root), starts
-//! the server on a loopback port with its own store, and says clearly when a
-//! peer is unavailable instead of skipping it silently.
+//! Peer brokers in the same run, with the same load shape: NATS JetStream
+//! with file storage (persisted, acknowledged publish) and Mosquitto (MQTT).
+//! The harness installs the Debian package when it is missing and it can
+//! (root), starts the server on a loopback port with its own store, and says
+//! clearly when a peer is unavailable instead of skipping it silently.
 //!
 //! The NATS client is the protocol's text form over a blocking socket: one
 //! thread writes publishes (many per write), another reads acknowledgements.
+//! Mosquitto is driven by the MQTT load generator (`crate::mqtt`), the same
+//! one that drives Rill's MQTT listener.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -27,8 +29,12 @@ pub struct NatsServer {
 }
 
 fn installed(program: &str) -> bool {
+    // Daemons such as mosquitto live in /usr/sbin, which not every PATH has.
     Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
+        .args([
+            "-c",
+            &format!("command -v {program} || test -x /usr/sbin/{program}"),
+        ])
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|status| status.success())
@@ -88,6 +94,114 @@ impl NatsServer {
 }
 
 impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Mosquitto's settings for a benchmark: a loopback listener, anonymous
+/// clients, in-flight and queue limits that the load never reaches, and
+/// persistence as the Debian package ships it (`persistence true`, the
+/// default `autosave_interval` of 1800 s): the in-memory store is saved
+/// every half hour and at shutdown, so nothing is written, let alone
+/// synced, per message. Everything else is Mosquitto's default, Nagle's
+/// algorithm included (`set_tcp_nodelay false`): turning it off, as Rill
+/// does on its sockets, more than halved Mosquitto's QoS 1 throughput here,
+/// since each PUBACK then leaves in a segment of its own and every client
+/// answers with a PUBLISH at a time.
+pub fn mosquitto_config(port: u16, store: &Path) -> String {
+    format!(
+        "listener {port} 127.0.0.1\n\
+         allow_anonymous true\n\
+         max_inflight_messages 1000\n\
+         max_queued_messages 1000000\n\
+         persistence true\n\
+         persistence_location {}/\n\
+         log_dest stderr\n\
+         log_type error\n\
+         log_type warning\n\
+         user root\n",
+        store.display()
+    )
+}
+
+/// A running Mosquitto on a loopback port, killed when dropped.
+pub struct MosquittoServer {
+    child: Child,
+    pub address: String,
+    log: std::path::PathBuf,
+}
+
+impl MosquittoServer {
+    /// Installs Mosquitto when missing (root), writes its configuration in
+    /// `directory` and starts it there; waits (bounded) until it listens.
+    pub fn start(directory: &Path) -> anyhow::Result<Self> {
+        ensure_installed("mosquitto", "mosquitto")?;
+        let binary = if Path::new("/usr/sbin/mosquitto").exists() {
+            "/usr/sbin/mosquitto"
+        } else {
+            "mosquitto"
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let config = directory.join("mosquitto.conf");
+        std::fs::write(&config, mosquitto_config(port, directory))
+            .with_context(|| format!("writing {}", config.display()))?;
+        let log = directory.join("mosquitto.log");
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting mosquitto")?;
+        let mut server = Self {
+            child,
+            address: format!("127.0.0.1:{port}"),
+            log,
+        };
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = server.child.try_wait()? {
+                anyhow::bail!(
+                    "mosquitto exited during start ({status}): {}",
+                    server.log_text().trim()
+                );
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(15),
+                "mosquitto did not listen within 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What Mosquitto logged (errors and warnings).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The installed Debian package version.
+    pub fn version() -> String {
+        Command::new("sh")
+            .args(["-c", "dpkg-query -W -f '${Version}' mosquitto 2>/dev/null"])
+            .output()
+            .ok()
+            .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string())
+            .filter(|version| !version.is_empty())
+            .unwrap_or_else(|| "unknown version".into())
+    }
+}
+
+impl Drop for MosquittoServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -109,6 +109,7 @@ pub fn svg(title: &str, rows: &[Row]) -> String {
     for row in &other_rows {
         let value = match row.unit.as_str() {
             "us" => format!("{:.0} µs", row.value),
+            "msg/s" => format!("{:.0} msg/s", row.value),
             unit => format!("{:.3} {unit}", row.value),
         };
         let target = row

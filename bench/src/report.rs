@@ -123,6 +123,7 @@ fn format_value(value: f64, unit: &str) -> String {
         "GiB/s" => format!("{value:.3} GiB/s"),
         "s" => format!("{value:.3} s"),
         "us" => format!("{value:.0} µs"),
+        "msg/s" => format!("{value:.0} msg/s"),
         "x" => format!("{value:.3}"),
         other => format!("{value:.3} {other}"),
     }
