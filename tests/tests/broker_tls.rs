@@ -117,6 +117,43 @@ fn tls_listeners_serve_trusted_clients_and_refuse_plain_ones() {
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    // So do the Kafka listener (an ApiVersions v0 request and its answer)...
+    let tls_stream = |address: std::net::SocketAddr| {
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let session = rustls::ClientConnection::new(Arc::clone(&config), name).expect("session");
+        let socket = std::net::TcpStream::connect(address).expect("connect");
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .expect("timeout");
+        rustls::StreamOwned::new(session, socket)
+    };
+    let mut kafka = tls_stream(broker.kafka);
+    // size 10: api key 18, version 0, correlation id 5, null client id.
+    kafka
+        .write_all(&[0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 5, 0xff, 0xff])
+        .expect("ApiVersions over TLS");
+    let mut size = [0u8; 4];
+    kafka.read_exact(&mut size).expect("answer size");
+    let mut answer = vec![0u8; u32::from_be_bytes(size) as usize];
+    kafka.read_exact(&mut answer).expect("answer");
+    assert_eq!(&answer[..4], &5i32.to_be_bytes(), "correlation id");
+    assert_eq!(&answer[4..6], &[0, 0], "no error");
+
+    // ...and the MQTT listener (CONNECT, then CONNACK accepted).
+    let mut mqtt = tls_stream(broker.mqtt);
+    let mut connect = vec![0x10, 0];
+    connect.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 3]);
+    connect.extend_from_slice(b"tls");
+    connect[1] = (connect.len() - 2) as u8;
+    mqtt.write_all(&connect).expect("CONNECT over TLS");
+    let mut connack = [0u8; 4];
+    mqtt.read_exact(&mut connack).expect("CONNACK");
+    assert_eq!(
+        connack,
+        [0x20, 2, 0, 0],
+        "CONNACK, session not present, accepted"
+    );
 }
 
 #[test]
