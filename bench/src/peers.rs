@@ -107,10 +107,10 @@ impl Drop for NatsServer {
 /// every half hour and at shutdown, so nothing is written, let alone
 /// synced, per message. Everything else is Mosquitto's default, Nagle's
 /// algorithm included (`set_tcp_nodelay false`) unless `nodelay` asks to
-/// turn it off, as Rill does on its sockets: that more than halves
-/// Mosquitto's QoS 1 throughput under many pipelining clients (each PUBACK
-/// leaves in a segment of its own, and each client answers with one
-/// PUBLISH at a time) but takes milliseconds off its PUBACK latency.
+/// turn it off, as Rill does on its sockets: that halves Mosquitto's QoS 1
+/// throughput under many pipelining clients (each PUBACK leaves in a
+/// segment of its own, and each client answers with one PUBLISH at a time)
+/// without improving its PUBACK latency at 20 000 msg/s.
 pub fn mosquitto_config(port: u16, store: &Path, nodelay: bool) -> String {
     let nodelay = if nodelay {
         "set_tcp_nodelay true\n"
