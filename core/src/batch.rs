@@ -17,7 +17,10 @@
 
 mod records;
 
-pub use records::{Header, Record, RecordBuilder, RecordIter, RecordView, encode_batch};
+pub use records::{
+    Header, Record, RecordBuilder, RecordIter, RecordView, encode_batch, write_nullable,
+    write_varlong,
+};
 
 /// Size of the fixed batch header.
 pub const BATCH_HEADER_BYTES: usize = 61;

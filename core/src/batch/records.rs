@@ -149,7 +149,8 @@ pub struct Record {
     pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
-fn write_varlong(out: &mut Vec<u8>, value: i64) {
+/// Appends a zigzag varlong, as record fields are encoded.
+pub fn write_varlong(out: &mut Vec<u8>, value: i64) {
     let mut raw = ((value << 1) ^ (value >> 63)) as u64;
     loop {
         let byte = (raw & 0x7f) as u8;
@@ -162,7 +163,8 @@ fn write_varlong(out: &mut Vec<u8>, value: i64) {
     }
 }
 
-fn write_nullable(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+/// Appends a varlong length (-1 for none) and the bytes.
+pub fn write_nullable(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
     match bytes {
         None => write_varlong(out, -1),
         Some(bytes) => {

@@ -36,6 +36,7 @@ use rill_core::batch::{
     BATCH_HEADER_BYTES, BATCH_LENGTH_PREFIX_BYTES, BatchError, BatchHeader, Header, MAGIC_V2,
     RecordIter, check_batch,
 };
+use rill_core::batch::{write_nullable, write_varlong};
 
 pub mod compression;
 
@@ -324,29 +325,6 @@ fn codec_attribute(compression: Compression) -> i16 {
     }
 }
 
-fn put_varlong(out: &mut Vec<u8>, value: i64) {
-    let mut raw = ((value << 1) ^ (value >> 63)) as u64;
-    loop {
-        let byte = (raw & 0x7f) as u8;
-        raw >>= 7;
-        if raw == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
-fn put_nullable(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
-    match bytes {
-        None => put_varlong(out, -1),
-        Some(bytes) => {
-            put_varlong(out, bytes.len() as i64);
-            out.extend_from_slice(bytes);
-        }
-    }
-}
-
 /// Collects the records of one destination batch.
 #[derive(Debug)]
 pub struct BatchBuilder {
@@ -437,19 +415,19 @@ impl BatchBuilder {
         let body = &mut self.scratch;
         body.clear();
         body.push(0); // record attributes: unused in v2
-        put_varlong(body, record.timestamp_ms.wrapping_sub(base_timestamp_ms));
-        put_varlong(body, i64::from(self.count));
-        put_nullable(body, record.key);
-        put_nullable(body, record.value);
-        put_varlong(body, record.headers.len() as i64 + 1);
+        write_varlong(body, record.timestamp_ms.wrapping_sub(base_timestamp_ms));
+        write_varlong(body, i64::from(self.count));
+        write_nullable(body, record.key);
+        write_nullable(body, record.value);
+        write_varlong(body, record.headers.len() as i64 + 1);
         for header in &record.headers {
-            put_nullable(body, Some(header.key));
-            put_nullable(body, header.value);
+            write_nullable(body, Some(header.key));
+            write_nullable(body, header.value);
         }
-        put_nullable(body, Some(PROVENANCE_HEADER.as_bytes()));
-        put_nullable(body, Some(provenance.as_bytes()));
+        write_nullable(body, Some(PROVENANCE_HEADER.as_bytes()));
+        write_nullable(body, Some(provenance.as_bytes()));
         let mut length = Vec::with_capacity(5);
-        put_varlong(&mut length, body.len() as i64);
+        write_varlong(&mut length, body.len() as i64);
         let record_bytes = length.len() + body.len();
         if record_bytes > self.limits.batch_bytes_max {
             return Err(PushError::RecordTooLarge {
