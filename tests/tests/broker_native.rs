@@ -243,6 +243,66 @@ fn many_producers_and_consumers_at_once() {
     });
 }
 
+/// Hundreds of connections, each with requests in flight to partitions on
+/// both shards at once: every answer crosses between the shards' threads.
+/// A broker whose cross-shard wake-ups could block would stall here (the
+/// runtime's cross-thread wake queue holds 64 tasks); the whole run is
+/// bounded, so a stall fails instead of hanging.
+#[test]
+fn hundreds_of_connections_crossing_shards_never_stall() {
+    let broker = Broker::start(&["node.shards=2", "limits.requests_in_flight_max=16"]);
+    let connections = 900usize;
+    let rounds = 40u64;
+    runtime().block_on(async {
+        let admin = connect(&broker).await;
+        admin
+            .create_topic("crossing", 2, &[])
+            .await
+            .expect("create");
+        let mut clients = Vec::new();
+        for _ in 0..connections {
+            clients.push(connect(&broker).await);
+        }
+        let batch = batch_of(0, 0, 4);
+        let work = clients.iter().map(|client| {
+            let batch = &batch;
+            async move {
+                for _ in 0..rounds {
+                    // Both partitions at once: one of them is on the other shard.
+                    let sends = (0..8u32).map(|request| {
+                        client
+                            .start_produce(
+                                "crossing",
+                                Target::Partition(request % 2),
+                                Acks::Written,
+                                batch,
+                            )
+                            .expect("send")
+                            .wait()
+                    });
+                    for answer in futures_util::future::join_all(sends).await {
+                        answer.expect("produce").expect("acknowledged");
+                    }
+                }
+            }
+        });
+        let all = futures_util::future::join_all(work);
+        compio::time::timeout(Duration::from_secs(120), all)
+            .await
+            .expect("every produce across shards is answered: the broker stalled");
+        let expected = connections as i64 * rounds as i64 * 8 * 4;
+        let mut total = 0;
+        for partition in 0..2 {
+            total += admin
+                .list_offsets("crossing", partition, OffsetSpec::Latest)
+                .await
+                .expect("list offsets")
+                .expect("an offset");
+        }
+        assert_eq!(total, expected, "every acknowledged record is in the log");
+    });
+}
+
 /// Produces one partition's records from one client, one durable batch at a time.
 async fn produce_partition(client: &Client, topic: &str, partition: u32, count: u64) {
     let mut next = 0;

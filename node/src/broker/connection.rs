@@ -71,6 +71,22 @@ pub fn shard_main(
     let mut selection = shared.driver.clone();
     let runtime = build_runtime(&mut selection)?;
     runtime.block_on(async move {
+        // Before anything is spawned: every task of this shard is woken from
+        // other threads through the relay (see `io::home`).
+        crate::io::home::install_relay();
+        crate::io::home::homed(serve_shard(index, shared, inbox, listener, kafka, mqtt)).await
+    })
+}
+
+async fn serve_shard(
+    index: usize,
+    shared: Arc<Shared>,
+    inbox: mpsc::UnboundedReceiver<ShardOp>,
+    listener: std::net::TcpListener,
+    kafka: std::net::TcpListener,
+    mqtt: std::net::TcpListener,
+) -> anyhow::Result<()> {
+    {
         let inbox_sender = shared.inboxes[index].clone();
         let mut storage = Storage::new(index as u32, shared.clone(), inbox_sender.clone());
         let view = shared.topics.snapshot();
@@ -89,7 +105,7 @@ pub fn shard_main(
         let (stop, stopped) = oneshot::channel::<()>();
         let stopped: ShutdownSignal = stopped.shared();
         let listener = TcpListener::from_std(listener)?;
-        compio::runtime::spawn(accept_loop(
+        crate::io::home::spawn(accept_loop(
             listener,
             shared.clone(),
             stopped.clone(),
@@ -98,7 +114,7 @@ pub fn shard_main(
         ))
         .detach();
         let kafka = TcpListener::from_std(kafka)?;
-        compio::runtime::spawn(accept_loop(
+        crate::io::home::spawn(accept_loop(
             kafka,
             shared.clone(),
             stopped.clone(),
@@ -107,7 +123,7 @@ pub fn shard_main(
         ))
         .detach();
         let mqtt = TcpListener::from_std(mqtt)?;
-        compio::runtime::spawn(accept_loop(
+        crate::io::home::spawn(accept_loop(
             mqtt,
             shared.clone(),
             stopped.clone(),
@@ -115,17 +131,17 @@ pub fn shard_main(
             None,
         ))
         .detach();
-        compio::runtime::spawn(tick_loop(inbox_sender)).detach();
+        crate::io::home::spawn(tick_loop(inbox_sender)).detach();
         if index == 0 {
-            compio::runtime::spawn(group_tick_loop(shared.clone())).detach();
-            compio::runtime::spawn(crate::mqtt::tick_loop(shared.clone())).detach();
-            compio::runtime::spawn(crate::mqtt::ensure_mapping_topics(shared.clone())).detach();
+            crate::io::home::spawn(group_tick_loop(shared.clone())).detach();
+            crate::io::home::spawn(crate::mqtt::tick_loop(shared.clone())).detach();
+            crate::io::home::spawn(crate::mqtt::ensure_mapping_topics(shared.clone())).detach();
         }
-        compio::runtime::spawn(stop_on_shutdown(shared.clone(), stop)).detach();
+        crate::io::home::spawn(stop_on_shutdown(shared.clone(), stop)).detach();
         shard_ready(&shared);
         storage.run(inbox).await;
         anyhow::Ok(())
-    })
+    }
 }
 
 /// Fires the shard's stop signal when the broker starts shutting down, and
@@ -201,7 +217,7 @@ pub(crate) async fn accept_loop<H, F>(
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(%peer, limit = shared.config.limits.connections_max, "connection refused: connections_max reached");
             if let Some(frame) = refusal.clone() {
-                compio::runtime::spawn(async move {
+                crate::io::home::spawn(async move {
                     let mut stream = stream;
                     let _ = stream.write_all(frame).await;
                 })
@@ -210,7 +226,7 @@ pub(crate) async fn accept_loop<H, F>(
             continue;
         }
         let handler = make(shared.clone(), &stream, peer);
-        compio::runtime::spawn(serve_connection(handler, stream, stopped.clone())).detach();
+        crate::io::home::spawn(serve_connection(handler, stream, stopped.clone())).detach();
     }
 }
 
@@ -673,7 +689,7 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
     };
     let (writer, frames) = mpsc::unbounded();
     handler.set_writer(Some(writer));
-    let writer_task = compio::runtime::spawn(write_loop(
+    let writer_task = crate::io::home::spawn(write_loop(
         stream.clone(),
         frames,
         handler.in_flight().clone(),
@@ -902,7 +918,7 @@ impl FrameHandler for Connection {
             } => {
                 let pending = self.dispatch_produce(topic, target, acks, batch).await;
                 let task = self.finish_produce(correlation_id, acks, pending, started);
-                compio::runtime::spawn(task).detach();
+                crate::io::home::spawn(task).detach();
             }
             Request::Handshake { .. } => {
                 let error = OpError::new(
@@ -934,7 +950,7 @@ impl FrameHandler for Connection {
                 // block on it), and TLS needs the bytes in rustls.
                 let zero_copy = self.shared.tls.is_none()
                     && self.shared.driver.driver == crate::io::IoDriver::IoUring;
-                compio::runtime::spawn(async move {
+                crate::io::home::spawn(async move {
                     let answered = match RequestFrame::decode(&body) {
                         Ok(frame) => answer(&shared, &view, frame.request, zero_copy).await,
                         Err(error) => {

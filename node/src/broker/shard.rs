@@ -761,7 +761,7 @@ impl Storage {
                         generation = state.generation;
                     }
                     let inbox = self.inbox_sender.clone();
-                    compio::runtime::spawn(async move {
+                    crate::io::home::spawn(async move {
                         let (result, target) = job.run().await;
                         let _ = inbox.unbounded_send(ShardOp::SyncDone {
                             key,

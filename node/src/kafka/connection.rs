@@ -257,7 +257,7 @@ impl FrameHandler for KafkaConnection {
             RequestKind::Produce(request) => {
                 let pending =
                     super::produce::dispatch(&context, request, &self.next_partition).await;
-                compio::runtime::spawn(super::produce::finish(
+                crate::io::home::spawn(super::produce::finish(
                     context,
                     correlation_id,
                     version,
@@ -267,7 +267,7 @@ impl FrameHandler for KafkaConnection {
                 .detach();
             }
             RequestKind::Fetch(request) => {
-                compio::runtime::spawn(async move {
+                crate::io::home::spawn(async move {
                     let pieces =
                         super::fetch::fetch(&context, correlation_id, version, request).await;
                     responder.send_pieces(pieces);
@@ -275,7 +275,7 @@ impl FrameHandler for KafkaConnection {
                 .detach();
             }
             request => {
-                compio::runtime::spawn(async move {
+                crate::io::home::spawn(async move {
                     let frame =
                         super::admin::answer(&context, correlation_id, version, request).await;
                     responder.send(frame);

@@ -180,7 +180,10 @@ pub(crate) fn spawn(
         .spawn(move || {
             let mut selection = shared.driver.clone();
             match crate::io::build_runtime(&mut selection) {
-                Ok(runtime) => runtime.block_on(run(shared, config)),
+                Ok(runtime) => runtime.block_on(async move {
+                    crate::io::home::install_relay();
+                    crate::io::home::homed(run(shared, config)).await
+                }),
                 Err(error) => {
                     tracing::error!(%error, "the MQTT bridge could not start its runtime")
                 }
@@ -354,7 +357,7 @@ impl Link {
         self.close_socket();
         self.connection += 1;
         let (permits, granted) = mpsc::unbounded();
-        compio::runtime::spawn(read_loop(
+        crate::io::home::spawn(read_loop(
             stream.clone(),
             granted,
             self.events.clone(),
@@ -439,7 +442,7 @@ impl Link {
             publish::dispatch(&self.shared, &mut self.view, &self.next_partition, &record).await;
         let events = self.events.clone();
         let token = append.token;
-        compio::runtime::spawn(async move {
+        crate::io::home::spawn(async move {
             let result = publish::finish(pending).await;
             let _ = events.unbounded_send(Event::Appended { token, result });
         })

@@ -257,12 +257,12 @@ impl FrameHandler for MqttConnection {
                 writer,
                 self.peer,
             );
-            compio::runtime::spawn(async move {
+            crate::io::home::spawn(async move {
                 executor.run(work).await;
                 let _ = done.send(());
             })
             .detach();
-            compio::runtime::spawn(tick(self.client.clone())).detach();
+            crate::io::home::spawn(tick(self.client.clone())).detach();
         }
         self.writer = writer;
     }

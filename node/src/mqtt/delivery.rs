@@ -127,7 +127,7 @@ pub(crate) fn spawn_reader(
         set.running.insert(key.clone(), id);
         id
     };
-    compio::runtime::spawn(read_partition(shared, client, readers, key, start, id)).detach();
+    crate::io::home::spawn(read_partition(shared, client, readers, key, start, id)).detach();
 }
 
 fn is_current(readers: &ReaderSet, key: &PartitionKey, id: u64) -> bool {

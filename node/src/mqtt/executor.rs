@@ -241,7 +241,7 @@ impl Executor {
                     now,
                 );
                 if let Some(will) = due {
-                    compio::runtime::spawn(publish::publish_will(
+                    crate::io::home::spawn(publish::publish_will(
                         self.shared.clone(),
                         self.client_id.clone(),
                         will,
@@ -278,7 +278,7 @@ impl Executor {
             self.state()
                 .open_session(&self.client, &self.client_id, clean_start, now);
         for (client_id, will) in due {
-            compio::runtime::spawn(publish::publish_will(self.shared.clone(), client_id, will))
+            crate::io::home::spawn(publish::publish_will(self.shared.clone(), client_id, will))
                 .detach();
         }
         if let Some(stored) = &stored {
@@ -324,7 +324,7 @@ impl Executor {
             publish::dispatch(&self.shared, &mut self.view, &self.next_partition, &record).await;
         let shared = self.shared.clone();
         let client = self.client.clone();
-        compio::runtime::spawn(async move {
+        crate::io::home::spawn(async move {
             let result = publish::finish(pending).await;
             if result.is_err() {
                 shared

@@ -525,7 +525,7 @@ pub(crate) async fn tick_loop(shared: Arc<Shared>) {
         let now = now_ms();
         let (wills, expired) = state.due(now);
         for (client_id, will) in wills {
-            compio::runtime::spawn(publish::publish_will(shared.clone(), client_id, will)).detach();
+            crate::io::home::spawn(publish::publish_will(shared.clone(), client_id, will)).detach();
         }
         let expired_retained = lock(&state.retained).remove_expired(now);
         if expired.is_empty() && expired_retained.is_empty() {

@@ -66,7 +66,7 @@ pub(crate) async fn ensure_group(shared: &Arc<Shared>, group: &str, filter: &str
             starts.push((key, offset));
         }
     }
-    compio::runtime::spawn(run_group(shared.clone(), name, id, starts)).detach();
+    crate::io::home::spawn(run_group(shared.clone(), name, id, starts)).detach();
 }
 
 async fn run_group(
@@ -79,7 +79,7 @@ async fn run_group(
     let running: Rc<RefCell<BTreeSet<PartitionKey>>> = Rc::default();
     for (key, offset) in starts {
         running.borrow_mut().insert(key.clone());
-        compio::runtime::spawn(read_for_group(
+        crate::io::home::spawn(read_for_group(
             shared.clone(),
             name.clone(),
             id,
@@ -106,7 +106,7 @@ async fn run_group(
         // Partitions that appeared since: read from their start.
         for key in source_partitions(&shared, &name.1) {
             if running.borrow_mut().insert(key.clone()) {
-                compio::runtime::spawn(read_for_group(
+                crate::io::home::spawn(read_for_group(
                     shared.clone(),
                     name.clone(),
                     id,
