@@ -186,7 +186,13 @@ impl BatchHeader {
 
 /// CRC-32C over the bytes the v2 checksum covers (attributes to the end).
 pub fn compute_crc(batch: &[u8]) -> u32 {
-    crc32c::crc32c(&batch[OFFSET_ATTRIBUTES..])
+    crc32c(&batch[OFFSET_ATTRIBUTES..])
+}
+
+/// CRC-32C (Castagnoli) of `bytes`, with the CPU's instruction where it has
+/// one (SSE 4.2, ARMv8 CRC).
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(bytes)
 }
 
 /// Checks the structure and checksum of one batch that must fill `bytes` exactly.

@@ -24,9 +24,7 @@ use compio::net::TcpStream;
 use futures_channel::{mpsc, oneshot};
 use futures_util::FutureExt;
 use rill_edge_bridge::mqtt::session::{Action, Connection, Delivery, DeliveryOutcome};
-use rill_edge_bridge::mqtt::{
-    Packet, ProtocolVersion, connect_protocol_version, decode, decode_connect, encode,
-};
+use rill_edge_bridge::mqtt::{Packet, connect_protocol_version, decode, decode_connect, encode};
 use rill_protocol::FrameError;
 
 use super::{lock, now_ms};
@@ -35,8 +33,8 @@ use crate::broker::connection::{Answer, Ended, FrameHandler, InFlight, ShutdownS
 
 /// What the executor is given, in order.
 pub(crate) enum Work {
-    /// An encoded packet to write.
-    Bytes(Vec<u8>),
+    /// Encoded packets to write, back to back, and how many there are.
+    Bytes(Vec<u8>, u64),
     /// Boxed: most work is packets, and an action is large.
     Action(Box<Action>),
     /// Once a second: look for partitions that appeared.
@@ -66,8 +64,33 @@ impl Client {
         let mut actions = Vec::new();
         let result = f(&mut machine, &mut |action| actions.push(action));
         let version = machine.protocol_version();
+        // Packets one step makes (the PUBACKs of a run of appends) go out
+        // as one write.
+        let mut packets = Vec::new();
+        let mut count = 0;
         for action in actions {
-            self.queue(action, version);
+            match action {
+                Action::Send(packet) => {
+                    if let Err(error) = encode(&packet, version, &mut packets) {
+                        // The machine only makes packets the codec can write.
+                        tracing::warn!(%error, packet = %packet.packet_type(), "an MQTT packet could not be encoded; not sent");
+                    } else {
+                        count += 1;
+                    }
+                }
+                other => {
+                    if count > 0 {
+                        let _ = self
+                            .work
+                            .unbounded_send(Work::Bytes(std::mem::take(&mut packets), count));
+                        count = 0;
+                    }
+                    let _ = self.work.unbounded_send(Work::Action(Box::new(other)));
+                }
+            }
+        }
+        if count > 0 {
+            let _ = self.work.unbounded_send(Work::Bytes(packets, count));
         }
         if machine.is_closed() {
             self.closed.store(true, Ordering::Release);
@@ -101,22 +124,6 @@ impl Client {
     /// Reads the machine without changing it.
     pub(crate) fn with_machine<R>(&self, f: impl FnOnce(&Connection) -> R) -> R {
         f(&lock(&self.machine))
-    }
-
-    fn queue(&self, action: Action, version: ProtocolVersion) {
-        let work = match action {
-            Action::Send(packet) => {
-                let mut bytes = Vec::new();
-                if let Err(error) = encode(&packet, version, &mut bytes) {
-                    // The machine only makes packets the codec can write.
-                    tracing::warn!(%error, packet = %packet.packet_type(), "an MQTT packet could not be encoded; not sent");
-                    return;
-                }
-                Work::Bytes(bytes)
-            }
-            other => Work::Action(Box::new(other)),
-        };
-        let _ = self.work.unbounded_send(work);
     }
 
     pub(crate) fn is_closed(&self) -> bool {

@@ -28,11 +28,18 @@ use super::publish::{self, Record};
 use super::{Client, PendingWill, Work, lock, now_ms};
 use crate::broker::Shared;
 use crate::broker::connection::{Answer, Outgoing, queue_answer};
+use crate::broker::errors::OpError;
 use crate::broker::topics::TopicView;
 
 /// How far before a session was last known alive a cursor-less partition
 /// is read from on resume: what its reader had not reached yet.
 const RESUME_MARGIN_MS: u64 = 2_000;
+
+/// PUBLISHes appended together at most (one read's worth, usually).
+const RUN_RECORDS_MAX: usize = 512;
+/// Bytes of records in one batch at most (and at most the topic's
+/// `batch_bytes_max`).
+const RUN_BYTES_MAX: usize = 256 * 1024;
 
 pub(crate) struct Executor {
     shared: Arc<Shared>,
@@ -76,14 +83,22 @@ impl Executor {
 
     pub(crate) async fn run(mut self, mut work: mpsc::UnboundedReceiver<Work>) {
         let mut discover_at = std::time::Instant::now();
-        while let Some(item) = work.next().await {
+        let mut next: Option<Work> = None;
+        loop {
+            let item = match next.take() {
+                Some(item) => item,
+                None => match work.next().await {
+                    Some(item) => item,
+                    None => break,
+                },
+            };
             match item {
-                Work::Bytes(bytes) => {
+                Work::Bytes(bytes, count) => {
                     self.shared
                         .mqtt
                         .stats
                         .messages_sent
-                        .fetch_add(1, Ordering::Relaxed);
+                        .fetch_add(count, Ordering::Relaxed);
                     queue_answer(
                         &self.writer,
                         &self.shared.buffers,
@@ -95,6 +110,32 @@ impl Executor {
                     Action::Close { reason_code } => {
                         self.close(reason_code);
                         break;
+                    }
+                    Action::Append(append) => {
+                        // The appends already queued behind this one (the
+                        // rest of what one read decoded) go to the log
+                        // together: one batch per run of records bound for
+                        // the same partition.
+                        let mut run = vec![append];
+                        while run.len() < RUN_RECORDS_MAX {
+                            match work.try_recv() {
+                                Ok(Work::Action(action)) => match *action {
+                                    Action::Append(append) => run.push(append),
+                                    other => {
+                                        next = Some(Work::Action(Box::new(other)));
+                                        break;
+                                    }
+                                },
+                                Ok(other) => {
+                                    next = Some(other);
+                                    break;
+                                }
+                                // Nothing more queued, or the channel closed
+                                // (seen again on the next `next()`).
+                                _ => break,
+                            }
+                        }
+                        self.append_run(run).await;
                     }
                     action => self.carry_out(action).await,
                 },
@@ -125,7 +166,7 @@ impl Executor {
                 client_id,
                 clean_start,
             } => self.open_session(client_id, clean_start, now).await,
-            Action::Append(append) => self.append(append).await,
+            Action::Append(append) => self.append_run(vec![append]).await,
             Action::Subscribe {
                 packet_id,
                 subscriptions,
@@ -294,50 +335,105 @@ impl Executor {
         self.client.mark_opened();
     }
 
-    async fn append(&mut self, append: Append) {
-        let Append {
-            token,
-            topic,
-            key,
-            headers,
-            value,
-            durable,
-            retain,
-        } = append;
-        self.state()
-            .stats
+    /// Appends a run of PUBLISHes in order: retained messages set in
+    /// PUBLISH order, consecutive records for the same partition (and
+    /// durability) as one batch, each batch queued at its shard before the
+    /// next; then, as the shards answer, every PUBLISH's result goes back to
+    /// the session machine in order.
+    async fn append_run(&mut self, appends: Vec<Append>) {
+        let stats = &self.shared.mqtt.stats;
+        stats
             .publishes_received
-            .fetch_add(1, Ordering::Relaxed);
-        // Set in PUBLISH order, so the last retained PUBLISH wins.
-        let retained_topic = retain.and_then(|message| {
-            let topic = message.topic.clone();
-            publish::retain(self.state(), message).then_some(topic)
-        });
-        let record = Record {
-            topic: &topic,
-            key: key.as_deref(),
-            headers: &headers,
-            value: &value,
-            durable,
-        };
-        let pending =
-            publish::dispatch(&self.shared, &mut self.view, &self.next_partition, &record).await;
+            .fetch_add(appends.len() as u64, Ordering::Relaxed);
+        let mut routes = Vec::with_capacity(appends.len());
+        let mut tokens = Vec::with_capacity(appends.len());
+        for append in &appends {
+            // Set in PUBLISH order, so the last retained PUBLISH wins.
+            let retained_topic = append.retain.as_ref().and_then(|message| {
+                publish::retain(self.state(), message.clone()).then(|| message.topic.clone())
+            });
+            tokens.push((append.token, retained_topic));
+            routes.push(
+                publish::route(
+                    &self.shared,
+                    &mut self.view,
+                    &self.next_partition,
+                    &append.topic,
+                    append.key.as_deref(),
+                )
+                .await,
+            );
+        }
+        let mut groups: Vec<(Result<publish::PendingAppend, OpError>, usize)> = Vec::new();
+        let mut start = 0;
+        while start < appends.len() {
+            let partition = match &routes[start] {
+                Ok(partition) => *partition,
+                Err(error) => {
+                    groups.push((Err(error.clone()), 1));
+                    start += 1;
+                    continue;
+                }
+            };
+            let head = &appends[start];
+            let bytes_max = self
+                .view
+                .table
+                .get(&head.topic)
+                .map_or(RUN_BYTES_MAX, |meta| {
+                    RUN_BYTES_MAX
+                        .min(usize::try_from(meta.settings.batch_bytes_max).unwrap_or(usize::MAX))
+                });
+            let mut bytes = record_of(head).batch_bytes();
+            let mut end = start + 1;
+            while let Some(append) = appends.get(end) {
+                let size = record_of(append).batch_bytes();
+                if append.topic != head.topic
+                    || append.durable != head.durable
+                    || routes[end].as_ref().ok() != Some(&partition)
+                    || bytes + size > bytes_max
+                {
+                    break;
+                }
+                bytes += size;
+                end += 1;
+            }
+            let records: Vec<Record<'_>> = appends[start..end].iter().map(record_of).collect();
+            let pending = publish::batch(&records, crate::broker::now_ms()).and_then(|batch| {
+                publish::send(&self.shared, &head.topic, partition, head.durable, batch)
+            });
+            groups.push((pending, end - start));
+            start = end;
+        }
+        drop(appends);
         let shared = self.shared.clone();
         let client = self.client.clone();
         crate::io::home::spawn(async move {
-            let result = publish::finish(pending).await;
-            if result.is_err() {
-                shared
-                    .mqtt
-                    .stats
-                    .append_failures
-                    .fetch_add(1, Ordering::Relaxed);
+            let mut tokens = tokens.into_iter();
+            for (pending, count) in groups {
+                let result = publish::finish(pending).await;
+                if result.is_err() {
+                    shared
+                        .mqtt
+                        .stats
+                        .append_failures
+                        .fetch_add(count as u64, Ordering::Relaxed);
+                }
+                let group: Vec<(u64, Option<String>)> = tokens.by_ref().take(count).collect();
+                for (_, retained_topic) in &group {
+                    if let Some(topic) = retained_topic {
+                        publish::sync_retained(&shared, topic.clone()).await;
+                    }
+                }
+                let now = now_ms();
+                client.step_with(|machine, push| {
+                    for (token, _) in group {
+                        for action in machine.handle_append_result(token, result, now) {
+                            push(action);
+                        }
+                    }
+                });
             }
-            if let Some(topic) = retained_topic {
-                publish::sync_retained(&shared, topic).await;
-            }
-            let now = now_ms();
-            client.step(|machine| machine.handle_append_result(token, result, now));
         })
         .detach();
     }
@@ -430,5 +526,16 @@ impl Executor {
         }
         let filters: Vec<String> = self.filters.iter().cloned().collect();
         self.start_readers(&filters, |_| Start::At(0)).await;
+    }
+}
+
+/// The record an append writes.
+fn record_of(append: &Append) -> Record<'_> {
+    Record {
+        topic: &append.topic,
+        key: append.key.as_deref(),
+        headers: &append.headers,
+        value: &append.value,
+        durable: append.durable,
     }
 }

@@ -27,8 +27,12 @@ use crate::broker::shard::ShardOp;
 use crate::broker::topics::{TopicView, shard_of};
 use crate::broker::{Shared, ensure_topic};
 
-/// Bytes a batch of one record needs beyond its key, value and headers.
-const BATCH_OVERHEAD_BYTES: usize = 128;
+/// Bytes a batch needs beyond its records.
+const BATCH_OVERHEAD_BYTES: usize = 64;
+/// Bytes one record needs beyond its key, value and header bytes.
+const RECORD_OVERHEAD_BYTES: usize = 32;
+/// Bytes one header needs beyond its name and value.
+const HEADER_OVERHEAD_BYTES: usize = 10;
 
 /// An append queued at its shard: the shard's answer comes on `answer`.
 pub(crate) type PendingAppend = oneshot::Receiver<Result<AppendInfo, OpError>>;
@@ -42,69 +46,92 @@ pub(crate) struct Record<'a> {
     pub durable: bool,
 }
 
-/// The record as a one-record batch.
-fn batch(record: &Record<'_>, timestamp_ms: i64) -> Result<Bytes, OpError> {
-    let headers: Vec<(&[u8], Option<&[u8]>)> = record
-        .headers
-        .iter()
-        .map(|(name, value)| (name.as_bytes(), Some(value.as_slice())))
-        .collect();
-    let size = BATCH_OVERHEAD_BYTES
-        + record.key.map_or(0, <[u8]>::len)
-        + record.value.len()
-        + record
-            .headers
-            .iter()
-            .map(|(name, value)| name.len() + value.len() + 10)
-            .sum::<usize>();
+impl Record<'_> {
+    /// An upper bound of the bytes the record takes in a batch.
+    pub(crate) fn batch_bytes(&self) -> usize {
+        RECORD_OVERHEAD_BYTES
+            + self.key.map_or(0, <[u8]>::len)
+            + self.value.len()
+            + self
+                .headers
+                .iter()
+                .map(|(name, value)| name.len() + value.len() + HEADER_OVERHEAD_BYTES)
+                .sum::<usize>()
+    }
+}
+
+/// The records as one batch, all with the same timestamp.
+pub(crate) fn batch(records: &[Record<'_>], timestamp_ms: i64) -> Result<Bytes, OpError> {
+    let too_small = || OpError::new(ErrorCode::Internal, "batch buffer too small");
+    let size = BATCH_OVERHEAD_BYTES + records.iter().map(Record::batch_bytes).sum::<usize>();
     let mut buffer = vec![0; size];
-    let mut writer = BatchWriter::new(&mut buffer)
-        .map_err(|_| OpError::new(ErrorCode::Internal, "batch buffer too small"))?;
-    writer
-        .push(timestamp_ms, record.key, Some(record.value), &headers)
-        .map_err(|_| OpError::new(ErrorCode::Internal, "batch buffer too small"))?;
+    let mut writer = BatchWriter::new(&mut buffer).map_err(|_| too_small())?;
+    let mut headers: Vec<(&[u8], Option<&[u8]>)> = Vec::new();
+    for record in records {
+        headers.clear();
+        headers.extend(
+            record
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_bytes(), Some(value.as_slice()))),
+        );
+        writer
+            .push(timestamp_ms, record.key, Some(record.value), &headers)
+            .map_err(|_| too_small())?;
+    }
     let length = writer
-        .finish()
+        .finish_with_crc(rill_core::batch::crc32c)
         .map(<[u8]>::len)
         .ok_or_else(|| OpError::new(ErrorCode::Internal, "empty batch"))?;
     buffer.truncate(length);
     Ok(Bytes::from(buffer))
 }
 
-/// Queues the append at the partition's shard. Called in PUBLISH order,
-/// it keeps that order per partition; the topic is created first when it
-/// is missing and `topics.auto_create` allows it.
-pub(crate) async fn dispatch(
+/// Where `topic`'s next record with `key` goes: the key's partition
+/// (Kafka's murmur2), or round robin without a key. The topic is created
+/// first when it is missing and `topics.auto_create` allows it.
+pub(crate) async fn route(
     shared: &Shared,
     view: &mut TopicView,
     next_partition: &Cell<u32>,
-    record: &Record<'_>,
-) -> Result<PendingAppend, OpError> {
+    topic: &str,
+    key: Option<&[u8]>,
+) -> Result<u32, OpError> {
     shared.topics.refresh(view);
-    let partitions = match view.table.get(record.topic) {
+    let partitions = match view.table.get(topic) {
         Some(meta) => meta.partitions,
         None => {
-            let meta = ensure_topic(shared, record.topic).await?;
+            let meta = ensure_topic(shared, topic).await?;
             shared.topics.refresh(view);
             meta.partitions
         }
     };
-    let partition = match record.key {
+    Ok(match key {
         Some(key) => partition_for_key(key, partitions),
         None => {
             let next = next_partition.get();
             next_partition.set(next.wrapping_add(1));
             next % partitions
         }
-    };
-    let batch = batch(record, crate::broker::now_ms())?;
+    })
+}
+
+/// Queues a finished batch at the partition's shard. Called in PUBLISH
+/// order, it keeps that order per partition.
+pub(crate) fn send(
+    shared: &Shared,
+    topic: &str,
+    partition: u32,
+    durable: bool,
+    batch: Bytes,
+) -> Result<PendingAppend, OpError> {
     let (reply, answer) = oneshot::channel();
     shared.send(
-        shard_of(record.topic, partition, shared.shards()),
+        shard_of(topic, partition, shared.shards()),
         ShardOp::Produce {
-            key: (record.topic.to_owned(), partition),
+            key: (topic.to_owned(), partition),
             batch,
-            acks: if record.durable {
+            acks: if durable {
                 Acks::Durable
             } else {
                 Acks::Written
@@ -113,6 +140,18 @@ pub(crate) async fn dispatch(
         },
     )?;
     Ok(answer)
+}
+
+/// Routes one record and queues it at its shard as a batch of its own.
+pub(crate) async fn dispatch(
+    shared: &Shared,
+    view: &mut TopicView,
+    next_partition: &Cell<u32>,
+    record: &Record<'_>,
+) -> Result<PendingAppend, OpError> {
+    let partition = route(shared, view, next_partition, record.topic, record.key).await?;
+    let batch = batch(std::slice::from_ref(record), crate::broker::now_ms())?;
+    send(shared, record.topic, partition, record.durable, batch)
 }
 
 /// The shard's answer, as the session machine takes it.
