@@ -105,10 +105,15 @@ pub fn encode_frame_vec<T: Serialize>(
     out: &mut alloc::vec::Vec<u8>,
 ) {
     let start = out.len();
-    out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    // Measured first, then written straight into `out`: a produce request's
+    // batch is copied once, into the frame, not grown and copied again.
     // Encoding to a Vec cannot run out of room; a failure is a bug in a type.
-    let body = postcard::to_allocvec(message).expect("message types always serialise");
-    out.extend_from_slice(&body);
-    let length = (body.len() as u32).saturating_add(trailing_bytes);
+    let body_bytes =
+        postcard::experimental::serialized_size(message).expect("message types always serialise");
+    out.reserve(FRAME_HEADER_BYTES + body_bytes);
+    out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    *out =
+        postcard::to_extend(message, core::mem::take(out)).expect("message types always serialise");
+    let length = ((out.len() - start - FRAME_HEADER_BYTES) as u32).saturating_add(trailing_bytes);
     out[start..start + FRAME_HEADER_BYTES].copy_from_slice(&length.to_le_bytes());
 }
