@@ -1,6 +1,8 @@
-//! MQTT messages into the log: one record per PUBLISH (or will), built as
-//! a Kafka v2 batch with the `mqtt.*` headers and appended through the
-//! partition's owning shard like a native produce. The partition is the
+//! MQTT messages into the log: one record per PUBLISH (or will), with the
+//! `mqtt.*` headers, in a Kafka v2 batch appended through the partition's
+//! owning shard like a native produce. The executor hands over runs of
+//! PUBLISHes read together, and consecutive records bound for the same
+//! partition share one batch. The partition is the
 //! key's (Kafka's murmur2, so every protocol agrees), or round robin for
 //! rules without a key. Retained messages are set in the store in the
 //! order their PUBLISHes arrived and written to disk before the PUBLISH
