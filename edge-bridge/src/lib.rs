@@ -8,10 +8,12 @@
 //! retained store, authentication) and the upstream MQTT bridge (Rill as a
 //! client of another broker); and the replicator to central Kafka clusters
 //! ([`replicator`]): what to mirror and how fast, the uplink's record
-//! batches, progress and reconciliation, and the Kafka producer connection.
+//! batches, progress and reconciliation, and the Kafka producer connection;
+//! and SASL on the server side ([`sasl`]) for Rill's Kafka listener.
 
 pub mod mqtt;
 pub mod replicator;
+pub mod sasl;
 mod stored;
 
 pub use stored::StoredDecodeError;

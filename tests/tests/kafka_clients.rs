@@ -1629,3 +1629,148 @@ fn a_consumer_reconnects_after_its_connections_are_cut() {
     }
     wait_until("the reader to reconnect", DEADLINE, || proxy.accepted() > 1);
 }
+
+// ---------------------------------------------------------------------------
+// SASL
+
+/// A broker whose Kafka listener wants SASL (PLAIN or SCRAM-SHA-256), with
+/// one user `edge`, made with `rill mqtt passwd` as a user would.
+fn start_sasl_broker() -> (Broker, tempfile::TempDir) {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let output = run_bounded(
+        rill_command().args(["mqtt", "passwd", "edge"]),
+        b"edge-secret\n",
+    );
+    assert!(output.status.success(), "rill mqtt passwd failed");
+    let users = directory.path().join("kafka-users");
+    std::fs::write(&users, &output.stdout).expect("users file");
+    let users_setting = format!("kafka.sasl_users_file={}", users.display());
+    let mut settings = BROKER_SETTINGS.to_vec();
+    settings.push(&users_setting);
+    (Broker::start(&settings), directory)
+}
+
+fn sasl_settings<'a>(mechanism: &'a str, password: &'a str) -> [(&'a str, &'a str); 4] {
+    [
+        ("security.protocol", "SASL_PLAINTEXT"),
+        ("sasl.mechanisms", mechanism),
+        ("sasl.username", "edge"),
+        ("sasl.password", password),
+    ]
+}
+
+const KAFKA_PYTHON_SASL_SCRIPT: &str = r#"
+import sys
+from kafka import KafkaProducer, KafkaConsumer, TopicPartition
+
+bootstrap, topic, mechanism, password, expect = sys.argv[1:6]
+auth = dict(security_protocol="SASL_PLAINTEXT", sasl_mechanism=mechanism,
+            sasl_plain_username="edge", sasl_plain_password=password)
+if expect == "refused":
+    try:
+        KafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=5000, max_block_ms=5000,
+                      api_version_auto_timeout_ms=5000, **auth)
+    except Exception as error:
+        print("refused:", type(error).__name__, error)
+        sys.exit(0)
+    sys.exit("a wrong password was let in")
+value = b"over " + mechanism.encode()
+producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", request_timeout_ms=20000,
+                         max_block_ms=20000, **auth)
+offset = producer.send(topic, value=value, partition=0).get(timeout=30).offset
+producer.close(timeout=10)
+consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                         request_timeout_ms=20000, consumer_timeout_ms=20000, **auth)
+partition = TopicPartition(topic, 0)
+consumer.assign([partition])
+consumer.seek(partition, offset)
+record = next(iter(consumer))
+assert record.value == value, record
+consumer.close()
+print("kafka-python", mechanism, "ok at offset", offset)
+"#;
+
+fn kafka_python_sasl(broker: &Broker, mechanism: &str, password: &str, expect: &str) {
+    let output = run_bounded(
+        Command::new("python3").args([
+            "-c",
+            KAFKA_PYTHON_SASL_SCRIPT,
+            &broker.kafka_address(),
+            "sasl-python",
+            mechanism,
+            password,
+            expect,
+        ]),
+        b"",
+    );
+    assert!(
+        output.status.success(),
+        "kafka-python {mechanism} ({expect}) failed:\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&output.stdout).trim());
+}
+
+#[test]
+fn sasl_clients_authenticate_and_a_wrong_password_is_refused() {
+    let (broker, _users) = start_sasl_broker();
+    let bootstrap = broker.kafka_address();
+    let topic = "sasl-topic";
+
+    // librdkafka with PLAIN (this build has no OpenSSL, which its SCRAM needs).
+    let plain = sasl_settings("PLAIN", "edge-secret");
+    let writer = producer(&bootstrap, &plain);
+    for index in 0..3u8 {
+        send(
+            &writer,
+            BaseRecord::to(topic)
+                .partition(0)
+                .key(&[index][..])
+                .payload(&b"authenticated"[..]),
+        );
+    }
+    assert_eq!(flush_ok(&writer).len(), 3);
+    let reader = consumer(&bootstrap, None, &plain);
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("offset");
+    reader.assign(&assignment).expect("assign");
+    let mut read = Vec::new();
+    let started = Instant::now();
+    while read.len() < 3 {
+        assert!(started.elapsed() < DEADLINE, "read {} of 3", read.len());
+        match reader.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => read.push(record_of(&message)),
+            Some(Err(error)) => panic!("consume error: {error}"),
+            None => {}
+        }
+    }
+    assert!(
+        read.iter()
+            .all(|record| record.value.as_deref() == Some(b"authenticated"))
+    );
+
+    // The wrong password gets no metadata, within a bound.
+    let intruder = producer(&bootstrap, &sasl_settings("PLAIN", "guess"));
+    let refused = intruder
+        .client()
+        .fetch_metadata(None, Duration::from_secs(3));
+    assert!(refused.is_err(), "a wrong password was let in: {refused:?}");
+
+    // Without SASL at all: the broker closes the connection, no metadata.
+    let anonymous = producer(&bootstrap, &[]);
+    assert!(
+        anonymous
+            .client()
+            .fetch_metadata(None, Duration::from_secs(3))
+            .is_err(),
+        "an unauthenticated client was served"
+    );
+
+    // kafka-python with SCRAM-SHA-256 and with PLAIN, and refused.
+    kafka_python_sasl(&broker, "SCRAM-SHA-256", "edge-secret", "ok");
+    kafka_python_sasl(&broker, "PLAIN", "edge-secret", "ok");
+    kafka_python_sasl(&broker, "SCRAM-SHA-256", "guess", "refused");
+}

@@ -14,7 +14,8 @@ use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProdu
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, ApiVersionsResponse, InitProducerIdRequest, InitProducerIdResponse,
     ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest,
-    ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+    ProduceResponse, RequestHeader, ResponseHeader, SaslAuthenticateRequest,
+    SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use rill_protocol::batch::BatchWriter;
@@ -284,4 +285,164 @@ fn versions_are_negotiated_and_bad_frames_close_only_their_connection() {
     assert_eq!(metadata.topics[0].error_code, 0);
     assert_eq!(metadata.topics[0].partitions.len(), 1);
     assert_eq!(metadata.brokers[0].port, i32::from(address.port()));
+}
+
+/// A broker whose Kafka listener wants SASL, with one user `edge` whose
+/// password is `p4ss,word`.
+fn start_sasl_broker(mechanisms: &str) -> (Broker, SocketAddr, tempfile::TempDir) {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let users = directory.path().join("kafka-users");
+    let line = rill_edge_bridge::mqtt::auth::hash_password(b"p4ss,word", b"salt-of-edge", 4096);
+    std::fs::write(&users, format!("edge:{line}\n")).expect("users file");
+    let users_setting = format!("kafka.sasl_users_file={}", users.display());
+    let mechanisms_setting = format!("kafka.sasl_mechanisms={mechanisms}");
+    let (broker, address) = start_broker(&[&users_setting, &mechanisms_setting]);
+    (broker, address, directory)
+}
+
+fn handshake(kafka: &mut Kafka, mechanism: &str) -> SaslHandshakeResponse {
+    kafka.request(
+        1,
+        &SaslHandshakeRequest::default().with_mechanism(StrBytes::from_string(mechanism.into())),
+    )
+}
+
+fn authenticate(kafka: &mut Kafka, bytes: Vec<u8>) -> SaslAuthenticateResponse {
+    kafka.request(
+        2,
+        &SaslAuthenticateRequest::default().with_auth_bytes(bytes.into()),
+    )
+}
+
+/// A full SCRAM-SHA-256 exchange with Rill's own client side; the answer to
+/// the client-final message.
+fn scram_exchange(kafka: &mut Kafka, password: &str) -> SaslAuthenticateResponse {
+    use rill_edge_bridge::replicator::client::sasl::{SaslMechanism, ScramClient};
+    let handshake = handshake(kafka, "SCRAM-SHA-256");
+    assert_eq!(handshake.error_code, 0);
+    let mut client = ScramClient::new(
+        SaslMechanism::ScramSha256,
+        "edge",
+        password,
+        "wire-test-nonce",
+        100_000,
+    );
+    let first = authenticate(kafka, client.client_first());
+    assert_eq!(first.error_code, 0, "{:?}", first.error_message);
+    let last = client
+        .handle_server_first(&first.auth_bytes)
+        .expect("a well-formed server-first message");
+    let answer = authenticate(kafka, last);
+    if answer.error_code == 0 {
+        client
+            .handle_server_final(&answer.auth_bytes)
+            .expect("the broker proves it knows the password");
+    }
+    answer
+}
+
+fn metadata_works(kafka: &mut Kafka) {
+    let response: MetadataResponse = kafka.request(9, &MetadataRequest::default());
+    assert_eq!(response.brokers.len(), 1);
+}
+
+#[test]
+fn sasl_scram_and_plain_guard_the_kafka_listener() {
+    let (broker, address, _users) = start_sasl_broker("PLAIN,SCRAM-SHA-256");
+
+    // Nothing but ApiVersions and the SASL requests before authenticating:
+    // the broker closes the connection.
+    let mut early = Kafka::connect(address);
+    let versions: ApiVersionsResponse = early.request(3, &ApiVersionsRequest::default());
+    for key in [ApiKey::SaslHandshake, ApiKey::SaslAuthenticate] {
+        assert!(
+            versions
+                .api_keys
+                .iter()
+                .any(|api| api.api_key == key as i16),
+            "{key:?} is advertised"
+        );
+    }
+    early.correlation_id += 1;
+    let header = RequestHeader::default()
+        .with_request_api_key(ApiKey::Metadata as i16)
+        .with_request_api_version(9)
+        .with_correlation_id(early.correlation_id);
+    let mut body = BytesMut::new();
+    header.encode(&mut body, 2).expect("header");
+    MetadataRequest::default()
+        .encode(&mut body, 9)
+        .expect("request");
+    let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    early.send_raw(&frame);
+    assert!(early.read_frame().is_none(), "closed before authentication");
+
+    // An unknown mechanism: the error and the list, the connection stays.
+    let mut kafka = Kafka::connect(address);
+    let refused = handshake(&mut kafka, "GSSAPI");
+    assert_eq!(refused.error_code, 33, "UNSUPPORTED_SASL_MECHANISM");
+    let offered: Vec<&str> = refused
+        .mechanisms
+        .iter()
+        .map(|name| name.as_str())
+        .collect();
+    assert_eq!(offered, ["PLAIN", "SCRAM-SHA-256"]);
+
+    // SCRAM-SHA-256 with the right password, then ordinary requests.
+    let done = scram_exchange(&mut kafka, "p4ss,word");
+    assert_eq!(done.error_code, 0, "{:?}", done.error_message);
+    metadata_works(&mut kafka);
+
+    // The wrong password: SASL_AUTHENTICATION_FAILED, then the connection closes.
+    let mut wrong = Kafka::connect(address);
+    let failed = scram_exchange(&mut wrong, "guess");
+    assert_eq!(failed.error_code, 58, "SASL_AUTHENTICATION_FAILED");
+    assert!(
+        wrong.read_frame().is_none(),
+        "closed after a failed exchange"
+    );
+
+    // PLAIN, right and wrong.
+    use rill_edge_bridge::replicator::client::sasl::plain_message;
+    let mut plain = Kafka::connect(address);
+    assert_eq!(handshake(&mut plain, "PLAIN").error_code, 0);
+    let answer = authenticate(&mut plain, plain_message("edge", "p4ss,word"));
+    assert_eq!(answer.error_code, 0, "{:?}", answer.error_message);
+    metadata_works(&mut plain);
+    let mut plain_wrong = Kafka::connect(address);
+    assert_eq!(handshake(&mut plain_wrong, "PLAIN").error_code, 0);
+    let answer = authenticate(&mut plain_wrong, plain_message("nobody", "p4ss,word"));
+    assert_eq!(answer.error_code, 58);
+
+    // Garbage in the exchange is an error answer, not a broken broker.
+    let mut garbage = Kafka::connect(address);
+    assert_eq!(handshake(&mut garbage, "SCRAM-SHA-256").error_code, 0);
+    let answer = authenticate(&mut garbage, vec![0xff; 5000]);
+    assert_eq!(answer.error_code, 58);
+    let mut after = Kafka::connect(address);
+    let versions: ApiVersionsResponse = after.request(3, &ApiVersionsRequest::default());
+    assert_eq!(versions.error_code, 0, "the broker still serves");
+    drop(broker);
+}
+
+#[test]
+fn a_broker_offers_only_the_configured_mechanisms_and_none_without_users() {
+    let (_broker, address, _users) = start_sasl_broker("SCRAM-SHA-256");
+    let mut kafka = Kafka::connect(address);
+    let refused = handshake(&mut kafka, "PLAIN");
+    assert_eq!(refused.error_code, 33);
+    let offered: Vec<&str> = refused
+        .mechanisms
+        .iter()
+        .map(|name| name.as_str())
+        .collect();
+    assert_eq!(offered, ["SCRAM-SHA-256"]);
+
+    let (_open, open_address) = start_broker(&[]);
+    let mut kafka = Kafka::connect(open_address);
+    let refused = handshake(&mut kafka, "PLAIN");
+    assert_eq!(refused.error_code, 33);
+    assert!(refused.mechanisms.is_empty());
+    metadata_works(&mut kafka);
 }

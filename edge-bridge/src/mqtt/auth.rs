@@ -183,6 +183,20 @@ impl PasswordFile {
         self.users.is_empty()
     }
 
+    /// `user`'s salt, PBKDF2 rounds and PBKDF2-HMAC-SHA256 hash: exactly
+    /// SCRAM-SHA-256's SaltedPassword, so a SCRAM server needs nothing more.
+    /// `None` for an unknown user.
+    pub fn scram_sha256(&self, user: &str) -> Option<(&[u8], u32, &[u8; 32])> {
+        self.users
+            .get(user)
+            .map(|hash| (hash.salt.as_slice(), hash.rounds, &hash.hash))
+    }
+
+    /// The most rounds any user's hash has (what a decoy answer claims).
+    pub fn rounds_max(&self) -> u32 {
+        self.decoy.rounds
+    }
+
     /// Whether `password` is `user`'s.
     pub fn verify(&self, user: &str, password: &[u8]) -> bool {
         match self.users.get(user) {

@@ -398,6 +398,18 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         "How long an idle idempotent producer's sequence state is kept per partition.",
     ),
     key(
+        "kafka.sasl_users_file",
+        Kind::Path,
+        "path",
+        "Users file (the MQTT users-file format, `rill mqtt passwd`); when set, Kafka clients must authenticate with SASL before any other request. Empty: no authentication.",
+    ),
+    key(
+        "kafka.sasl_mechanisms",
+        Kind::Text,
+        "comma-separated names",
+        "SASL mechanisms offered to Kafka clients when kafka.sasl_users_file is set: PLAIN, SCRAM-SHA-256.",
+    ),
+    key(
         "mqtt.allow_anonymous",
         Kind::Switch,
         "true/false",

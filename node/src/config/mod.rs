@@ -241,6 +241,22 @@ pub struct KafkaSection {
     pub group_session_timeout_ms_max: u64,
     pub group_members_max: u32,
     pub producer_id_expiration_ms: u64,
+    /// Empty: Kafka clients need not authenticate.
+    pub sasl_users_file: String,
+    /// Comma-separated SASL mechanisms offered when `sasl_users_file` is set.
+    pub sasl_mechanisms: String,
+}
+
+impl KafkaSection {
+    /// The SASL mechanisms offered, as configured (validated at load).
+    pub fn sasl_mechanism_list(&self) -> Vec<String> {
+        self.sasl_mechanisms
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 impl Default for KafkaSection {
@@ -255,6 +271,8 @@ impl Default for KafkaSection {
             group_session_timeout_ms_max: 1_800_000,
             group_members_max: 1_000,
             producer_id_expiration_ms: 86_400_000,
+            sasl_users_file: String::new(),
+            sasl_mechanisms: "PLAIN,SCRAM-SHA-256".into(),
         }
     }
 }

@@ -840,3 +840,59 @@ fn the_example_in_docs_config_md_is_a_valid_file() -> TestResult {
     assert_eq!(config.profile, "rpi4-4g");
     Ok(())
 }
+
+#[test]
+fn kafka_sasl_settings_are_checked_at_load() -> TestResult {
+    let unknown = load(
+        None,
+        &sets(&["kafka.sasl_mechanisms=PLAIN,GSSAPI"]),
+        &[],
+        &pi4(),
+    )
+    .expect_err("GSSAPI is not served");
+    assert_eq!(unknown.key.as_deref(), Some("kafka.sasl_mechanisms"));
+    assert!(
+        unknown
+            .to_string()
+            .contains("\"GSSAPI\" is not a mechanism Rill serves")
+    );
+
+    let missing = load(
+        None,
+        &sets(&["kafka.sasl_users_file=/nonexistent/rill-users"]),
+        &[],
+        &pi4(),
+    )
+    .expect_err("the users file must be readable");
+    assert_eq!(missing.key.as_deref(), Some("kafka.sasl_users_file"));
+
+    let directory = tempfile::tempdir()?;
+    let users = directory.path().join("users");
+    std::fs::write(&users, "edge:not-a-hash\n")?;
+    let malformed = load(
+        None,
+        &sets(&[&format!("kafka.sasl_users_file={}", users.display())]),
+        &[],
+        &pi4(),
+    )
+    .expect_err("a malformed users file");
+    assert!(malformed.to_string().contains("line 1"), "{malformed}");
+
+    let line = rill_edge_bridge::mqtt::auth::hash_password(b"pw", b"12345678", 4096);
+    std::fs::write(&users, format!("edge:{line}\n"))?;
+    let setting = format!("kafka.sasl_users_file={}", users.display());
+    let empty = load(
+        None,
+        &sets(&[&setting, "kafka.sasl_mechanisms="]),
+        &[],
+        &pi4(),
+    )
+    .expect_err("no mechanism");
+    assert_eq!(empty.key.as_deref(), Some("kafka.sasl_mechanisms"));
+    let config = load(None, &sets(&[&setting]), &[], &pi4())?;
+    assert_eq!(
+        config.kafka.sasl_mechanism_list(),
+        ["PLAIN", "SCRAM-SHA-256"]
+    );
+    Ok(())
+}

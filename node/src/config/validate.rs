@@ -105,6 +105,42 @@ pub(crate) fn validate(
             "0 is out of range: at least 1".into(),
         );
     }
+    let mechanisms = kafka.sasl_mechanism_list();
+    if let Some(unknown) = mechanisms
+        .iter()
+        .find(|name| !rill_edge_bridge::sasl::SERVER_MECHANISMS.contains(&name.as_str()))
+    {
+        return fail(
+            "kafka.sasl_mechanisms",
+            format!(
+                "{unknown:?} is not a mechanism Rill serves; choose from {}",
+                rill_edge_bridge::sasl::SERVER_MECHANISMS.join(", ")
+            ),
+        );
+    }
+    if !kafka.sasl_users_file.is_empty() {
+        if mechanisms.is_empty() {
+            return fail(
+                "kafka.sasl_mechanisms",
+                "empty, but kafka.sasl_users_file is set: no client could authenticate".into(),
+            );
+        }
+        let text = match std::fs::read_to_string(&kafka.sasl_users_file) {
+            Ok(text) => text,
+            Err(error) => {
+                return fail(
+                    "kafka.sasl_users_file",
+                    format!("cannot read {}: {error}", kafka.sasl_users_file),
+                );
+            }
+        };
+        if let Err(error) = rill_edge_bridge::mqtt::auth::PasswordFile::parse(&text) {
+            return fail(
+                "kafka.sasl_users_file",
+                format!("{}: {error}", kafka.sasl_users_file),
+            );
+        }
+    }
 
     let limits = &config.limits;
     if limits.connections_max == 0 {

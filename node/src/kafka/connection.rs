@@ -116,6 +116,8 @@ pub struct KafkaConnection {
     client_id: Rc<str>,
     /// Round-robin partition for produce requests without one (none in Kafka).
     pub next_partition: Cell<u32>,
+    /// SASL: whether this connection still has to authenticate.
+    auth: super::sasl::Auth,
 }
 
 impl Drop for KafkaConnection {
@@ -140,6 +142,7 @@ impl KafkaConnection {
             port => port,
         };
         Self {
+            auth: super::sasl::Auth::for_broker(&shared),
             shared,
             peer,
             advertised: (host, i32::from(port)),
@@ -224,7 +227,7 @@ impl FrameHandler for KafkaConnection {
     }
 
     async fn handle_frame(&mut self, body: &[u8]) -> bool {
-        let (version, header, request) = match codec::decode_request_frame(body) {
+        let (api_key, version, header, request) = match codec::decode_request_frame(body) {
             codec::Decoded::Request {
                 api_key,
                 version,
@@ -232,7 +235,7 @@ impl FrameHandler for KafkaConnection {
                 request,
             } => {
                 self.shared.metrics.record_kafka_request(api_key as i16);
-                (version, header, *request)
+                (api_key, version, header, *request)
             }
             codec::Decoded::ApiVersionsTooNew { correlation_id } => {
                 // The client's version is newer than ours: a v0 answer with
@@ -244,6 +247,12 @@ impl FrameHandler for KafkaConnection {
             }
             codec::Decoded::Refused(reason) => return self.close_after("request refused", &reason),
         };
+        if !self.auth.allows(api_key) {
+            return self.close_after(
+                "request before SASL authentication",
+                &format!("{api_key:?}"),
+            );
+        }
         if self.client_id.is_empty()
             && let Some(client_id) = &header.client_id
         {
@@ -254,6 +263,18 @@ impl FrameHandler for KafkaConnection {
         let responder = self.responder();
         let context = self.context();
         match request {
+            RequestKind::SaslHandshake(request) => {
+                let response = super::sasl::handshake(&mut self.auth, &self.shared, &request);
+                responder.send(super::produce::encode(correlation_id, version, &response));
+            }
+            RequestKind::SaslAuthenticate(request) => {
+                let (response, go_on) =
+                    super::sasl::authenticate(&mut self.auth, &self.shared, request).await;
+                responder.send(super::produce::encode(correlation_id, version, &response));
+                if !go_on {
+                    return self.close_after("SASL authentication failed", &self.peer);
+                }
+            }
             RequestKind::Produce(request) => {
                 let pending =
                     super::produce::dispatch(&context, request, &self.next_partition).await;

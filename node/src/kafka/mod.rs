@@ -16,11 +16,14 @@ pub mod errors;
 pub mod fetch;
 pub mod groups;
 pub mod produce;
+pub mod sasl;
 
 use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::Context;
+
+use rill_edge_bridge::mqtt::auth::PasswordFile;
 
 use crate::broker::producers::ProducerIdAllocator;
 use crate::config::KafkaSection;
@@ -34,6 +37,11 @@ pub struct KafkaState {
     pub producer_ids: Mutex<ProducerIdAllocator>,
     /// Kafka's cluster id: made once per data directory, kept across restarts.
     pub cluster_id: String,
+    /// Who may connect, when `kafka.sasl_users_file` is set: every
+    /// connection authenticates before its first other request.
+    pub sasl_users: Option<std::sync::Arc<PasswordFile>>,
+    /// The mechanisms offered, as SaslHandshake names.
+    pub sasl_mechanisms: Vec<String>,
 }
 
 impl KafkaState {
@@ -46,10 +54,23 @@ impl KafkaState {
             group_members_max: settings.group_members_max as usize,
             ..CoordinatorConfig::default()
         });
+        let sasl_users = if settings.sasl_users_file.is_empty() {
+            None
+        } else {
+            let file = &settings.sasl_users_file;
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading kafka.sasl_users_file {file}"))?;
+            let users = PasswordFile::parse(&text)
+                .map_err(|error| anyhow::anyhow!("kafka.sasl_users_file {file}: {error}"))?;
+            tracing::info!(users = users.len(), file = %file, mechanisms = %settings.sasl_mechanisms, "Kafka clients must authenticate with SASL");
+            Some(std::sync::Arc::new(users))
+        };
         Ok(Self {
             coordinator: Mutex::new(coordinator),
             producer_ids: Mutex::new(ProducerIdAllocator::open(data_dir)?),
             cluster_id: cluster_id(data_dir)?,
+            sasl_users,
+            sasl_mechanisms: settings.sasl_mechanism_list(),
         })
     }
 }

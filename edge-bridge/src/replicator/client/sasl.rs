@@ -81,7 +81,7 @@ fn escape_username(username: &str) -> String {
     username.replace('=', "=3D").replace(',', "=2C")
 }
 
-fn hmac(mechanism: SaslMechanism, key: &[u8], data: &[u8]) -> Vec<u8> {
+pub(crate) fn hmac(mechanism: SaslMechanism, key: &[u8], data: &[u8]) -> Vec<u8> {
     match mechanism {
         SaslMechanism::ScramSha512 => {
             let mut mac =
@@ -98,7 +98,7 @@ fn hmac(mechanism: SaslMechanism, key: &[u8], data: &[u8]) -> Vec<u8> {
     }
 }
 
-fn hash(mechanism: SaslMechanism, data: &[u8]) -> Vec<u8> {
+pub(crate) fn hash(mechanism: SaslMechanism, data: &[u8]) -> Vec<u8> {
     use sha2::Digest;
     match mechanism {
         SaslMechanism::ScramSha512 => sha2::Sha512::digest(data).to_vec(),
@@ -127,7 +127,7 @@ fn salted_password(
 }
 
 /// The value of attribute `name` (`name=value`) in a SCRAM message.
-fn attribute(message: &str, name: char) -> Option<&str> {
+pub(crate) fn attribute(message: &str, name: char) -> Option<&str> {
     message.split(',').find_map(|part| {
         let mut chars = part.chars();
         (chars.next() == Some(name) && chars.next() == Some('=')).then(|| &part[2..])
