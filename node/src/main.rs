@@ -11,6 +11,12 @@ use rill_node::config::{self, MachineFacts};
 use rill_node::io::{IoDriverSetting, build_runtime, select_driver};
 use rill_protocol::Acks;
 
+/// mimalloc rather than glibc's malloc: the broker allocates per message on
+/// its MQTT and Kafka paths, and per-thread free lists suit one thread per
+/// shard.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The native listener clients use when `--broker` is not given.
 const DEFAULT_BROKER: &str = "127.0.0.1:7470";
 
