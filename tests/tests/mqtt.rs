@@ -436,6 +436,48 @@ fn a_persistent_session_resumes_after_a_reconnect_and_a_restart() {
     marker.disconnect();
 }
 
+#[test]
+fn stored_sessions_are_bounded_and_a_refused_one_is_reported_in_connack() {
+    let broker = start_broker(&["mqtt.stored_sessions_max=2"]);
+    let persistent = |client_id: &str| {
+        let mut options = options(&broker, client_id);
+        options.set_clean_session(false);
+        options
+    };
+    let reconnect = |client_id: &str| {
+        let (client, connection) = Client::new(persistent(client_id), 100);
+        let mut again = Mqtt { client, connection };
+        let present = again.expect("CONNACK", |event| match event {
+            Event::Incoming(Packet::ConnAck(ack)) => Some(ack.session_present),
+            _ => None,
+        });
+        again.disconnect();
+        present
+    };
+    for client_id in ["kept-1", "kept-2", "one-too-many"] {
+        let mut client = Mqtt::connect(persistent(client_id));
+        client.subscribe("plant/#", QoS::AtLeastOnce);
+        client.disconnect();
+        // Settled before the next one comes: its reconnect says whether
+        // it was kept.
+        let expected = client_id != "one-too-many";
+        assert_eq!(reconnect(client_id), expected, "{client_id}");
+    }
+    let refused = rill_tests::http_get(broker.admin, "/metrics")
+        .ok()
+        .and_then(|(_, body)| {
+            body.lines()
+                .find_map(|line| line.strip_prefix("rill_mqtt_sessions_refused_total "))
+                .and_then(|value| value.trim().parse::<f64>().ok())
+        });
+    assert!(
+        refused.is_some_and(|count| count >= 1.0),
+        "the refusal is counted: {refused:?}"
+    );
+    // The kept sessions still work.
+    assert!(reconnect("kept-1"));
+}
+
 // Raw packets, for what a client library will not send.
 
 fn string(out: &mut Vec<u8>, text: &[u8]) {

@@ -518,6 +518,12 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         "How often a connected persistent session's cursors and in-flight messages are written.",
     ),
     key(
+        "mqtt.stored_sessions_max",
+        Kind::Count,
+        "count",
+        "Persistent MQTT sessions kept at most; past it a new client's session is not kept (it reconnects to a fresh one, told so by CONNACK) and rill_mqtt_sessions_refused_total counts it.",
+    ),
+    key(
         "mqtt.unmatched",
         Kind::Choice(super::UnmatchedSetting::NAMES),
         "catch-all | refuse",

@@ -134,6 +134,8 @@ pub struct MqttSection {
     /// 0: any keep alive the client asks for.
     pub keep_alive_ms_max: u64,
     pub session_persist_interval_ms: u64,
+    /// Persistent sessions kept at most (connected or not).
+    pub stored_sessions_max: u32,
     pub unmatched: UnmatchedSetting,
     pub catch_all_topic: String,
     pub rules: Vec<MqttRuleSetting>,
@@ -162,6 +164,7 @@ impl Default for MqttSection {
             session_expiry_ms_max: 7 * 86_400_000,
             keep_alive_ms_max: 0,
             session_persist_interval_ms: 1_000,
+            stored_sessions_max: 10_000,
             unmatched: UnmatchedSetting::CatchAll,
             catch_all_topic: "mqtt".into(),
             rules: Vec::new(),

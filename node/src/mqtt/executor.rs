@@ -292,10 +292,14 @@ impl Executor {
             }
             Action::PersistSession(session) => {
                 if self.is_owner() {
-                    lock(&self.state().sessions)
-                        .stored
-                        .insert(self.client_id.clone(), session);
-                    self.sync_session().await;
+                    let kept = {
+                        let state = self.state();
+                        let mut sessions = lock(&state.sessions);
+                        state.store_session(&mut sessions, &self.client_id, session)
+                    };
+                    if kept {
+                        self.sync_session().await;
+                    }
                 }
             }
             Action::EndSession => {

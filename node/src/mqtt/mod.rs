@@ -106,6 +106,7 @@ pub struct MqttStats {
     pub retained_refused: AtomicU64,
     pub wills_published: AtomicU64,
     pub sessions_expired: AtomicU64,
+    pub sessions_refused: AtomicU64,
 }
 
 /// The MQTT listener's broker-wide state.
@@ -121,6 +122,8 @@ pub struct MqttState {
     session_files: store::Directory,
     retained_files: store::Directory,
     next_connection: AtomicU64,
+    /// `mqtt.stored_sessions_max`.
+    stored_sessions_max: usize,
     pub stats: MqttStats,
     /// The upstream bridge's figures (`bridge`).
     pub bridge: bridge::BridgeMetrics,
@@ -227,6 +230,7 @@ impl MqttState {
             retained_files,
             // Unique across restarts: the start time, then a counter.
             next_connection: AtomicU64::new(started_ms.wrapping_mul(1 << 20)),
+            stored_sessions_max: config.stored_sessions_max as usize,
             stats: MqttStats::default(),
             bridge: bridge::BridgeMetrics::default(),
         })
@@ -304,6 +308,11 @@ impl MqttState {
                 "Stored MQTT sessions that expired.",
                 &stats.sessions_expired,
             ),
+            (
+                "rill_mqtt_sessions_refused_total",
+                "Persistent MQTT sessions not kept: mqtt.stored_sessions_max was reached.",
+                &stats.sessions_refused,
+            ),
         ];
         for (name, help, counter) in counters {
             let value = counter.load(Ordering::Relaxed);
@@ -325,6 +334,36 @@ impl MqttState {
             .live
             .get(client_id)
             .is_some_and(|live| Arc::ptr_eq(live, client))
+    }
+
+    /// Keeps `client_id`'s session unless that would pass
+    /// `mqtt.stored_sessions_max` (a session already kept is always
+    /// updated); `false` when it was not kept. Memory and the session
+    /// directory stay bounded however many client ids come and go.
+    pub(crate) fn store_session(
+        &self,
+        sessions: &mut Sessions,
+        client_id: &str,
+        state: SessionState,
+    ) -> bool {
+        if let Some(kept) = sessions.stored.get_mut(client_id) {
+            *kept = state;
+            return true;
+        }
+        if sessions.stored.len() >= self.stored_sessions_max {
+            let refused = self.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
+            if refused.is_power_of_two() || refused == 0 {
+                tracing::warn!(
+                    client_id,
+                    stored = sessions.stored.len(),
+                    refused = refused + 1,
+                    "mqtt.stored_sessions_max reached: this client's session is not kept"
+                );
+            }
+            return false;
+        }
+        sessions.stored.insert(client_id.to_owned(), state);
+        true
     }
 
     /// Writes (or deletes) `client_id`'s session file to match memory.
@@ -364,7 +403,7 @@ impl MqttState {
         for action in actions {
             match action {
                 Action::PersistSession(state) => {
-                    sessions.stored.insert(client_id.to_owned(), state);
+                    self.store_session(sessions, client_id, state);
                 }
                 Action::EndSession => {
                     sessions.stored.remove(client_id);
