@@ -1,0 +1,453 @@
+//! The replicator of the real `rill` binary mirroring to a second `rill`
+//! process serving as the central cluster through its Kafka listener:
+//! records arrive exactly once, in order per partition, with key, headers,
+//! timestamp and a provenance header, through cuts, stalls and black holes
+//! of the link (the tests' TCP proxy) and SIGKILLs of both processes;
+//! backlogs drain in priority order and within the bandwidth cap; records
+//! retention takes before they were mirrored are counted.
+
+use std::time::{Duration, Instant};
+
+use rill_core::batch::RecordBuilder;
+use rill_node::client::{Client, ClientConfig, records_of};
+use rill_protocol::{Acks, OffsetSpec, Target};
+use rill_tests::proxy::{Direction, Proxy};
+use rill_tests::{Broker, Ports, http_get, wait_until};
+
+const EDGE_ID: &str = "edge-1";
+const PROVENANCE: &[u8] = b"rill.source";
+/// How long one expected event may take.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn runtime() -> compio::runtime::Runtime {
+    compio::runtime::Runtime::new().expect("client runtime")
+}
+
+async fn connect(address: &str) -> Client {
+    Client::connect(address, ClientConfig::default())
+        .await
+        .expect("connect to the broker")
+}
+
+/// The edge's settings mirroring to `bootstrap` with the destination table
+/// `extra` (more `key = value` pairs of the destination, TOML inline).
+fn edge_settings(bootstrap: &str, extra: &str) -> Vec<String> {
+    vec![
+        format!("mirror.edge_id={EDGE_ID}"),
+        "mirror.reconcile_delay_ms=0".into(),
+        "mirror.checkpoint_interval_ms=100".into(),
+        "mirror.topic_refresh_ms=200".into(),
+        format!(
+            "mirror.destinations=[{{name=\"central\", bootstrap_servers=[\"{bootstrap}\"], linger_ms=5{extra}}}]"
+        ),
+    ]
+}
+
+fn start_edge(settings: &[String]) -> Broker {
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    Broker::start(&settings)
+}
+
+fn key_of(partition: u32, index: u64) -> Vec<u8> {
+    format!("k{partition}-{index}").into_bytes()
+}
+
+fn value_of(partition: u32, index: u64) -> Vec<u8> {
+    format!("v{partition}-{index}-{}", "x".repeat((index % 7) as usize)).into_bytes()
+}
+
+fn timestamp_of(index: u64) -> i64 {
+    1_700_000_000_000 + index as i64
+}
+
+fn batch_of(partition: u32, first: u64, count: u64) -> Vec<u8> {
+    let mut builder = RecordBuilder::new();
+    for index in first..first + count {
+        let header = index.to_string();
+        builder.push(
+            timestamp_of(index),
+            Some(&key_of(partition, index)),
+            Some(&value_of(partition, index)),
+            &[(b"h".as_slice(), Some(header.as_bytes()))],
+        );
+    }
+    builder.finish()
+}
+
+/// Produces records `first..first + count` to each partition, durably.
+async fn produce(client: &Client, topic: &str, partitions: u32, first: u64, count: u64) {
+    const PER_BATCH: u64 = 5_000;
+    for partition in 0..partitions {
+        let mut next = first;
+        while next < first + count {
+            let records = PER_BATCH.min(first + count - next);
+            let produced = client
+                .produce(
+                    topic,
+                    Target::Partition(partition),
+                    Acks::Durable,
+                    &batch_of(partition, next, records),
+                )
+                .await
+                .expect("produce")
+                .expect("acknowledged");
+            assert_eq!(produced.base_offset, next as i64);
+            next += records;
+        }
+    }
+}
+
+/// Records in each destination partition (0 while the topic is missing).
+async fn destination_counts(client: &Client, topic: &str, partitions: u32) -> Vec<u64> {
+    let mut counts = Vec::new();
+    for partition in 0..partitions {
+        let latest = client
+            .list_offsets(topic, partition, OffsetSpec::Latest)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        counts.push(latest.max(0) as u64);
+    }
+    counts
+}
+
+fn wait_for_counts(destination: &Broker, topic: &str, partitions: u32, expected: u64) {
+    let runtime = runtime();
+    let client = runtime.block_on(connect(&destination.address()));
+    let mut last = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(180) {
+        last = runtime.block_on(destination_counts(&client, topic, partitions));
+        if last.iter().all(|&count| count >= expected) {
+            return;
+        }
+        runtime.block_on(compio::time::sleep(Duration::from_millis(50)));
+    }
+    panic!("destination {topic} has {last:?} records, expected {expected} per partition");
+}
+
+/// Reads destination partition `partition` and checks it holds exactly
+/// records `0..expected` of source partition `partition`, in order, with
+/// key, value, headers, timestamp and provenance.
+async fn check_mirrored(
+    client: &Client,
+    destination_topic: &str,
+    source_topic: &str,
+    partition: u32,
+    expected: u64,
+) {
+    let mut offset = 0i64;
+    let mut index = 0u64;
+    while index < expected {
+        let fetched = client
+            .fetch(destination_topic, partition, offset, 8 << 20, 1, 0)
+            .await
+            .expect("fetch");
+        assert!(
+            fetched.next_offset > offset,
+            "fetch made no progress at {offset}"
+        );
+        for record in records_of(&fetched.batches).expect("decode batches") {
+            if record.offset < offset {
+                continue;
+            }
+            assert_eq!(
+                record.key.as_deref(),
+                Some(key_of(partition, index).as_slice()),
+                "partition {partition} destination offset {}: in order, none missing, none twice",
+                record.offset
+            );
+            assert_eq!(
+                record.value.as_deref(),
+                Some(value_of(partition, index).as_slice())
+            );
+            assert_eq!(record.timestamp_ms, timestamp_of(index));
+            let provenance = format!("{EDGE_ID}/{source_topic}/{partition}/{index}");
+            assert_eq!(
+                record.headers,
+                vec![
+                    (b"h".to_vec(), Some(index.to_string().into_bytes())),
+                    (PROVENANCE.to_vec(), Some(provenance.into_bytes())),
+                ]
+            );
+            index += 1;
+            offset = record.offset + 1;
+            if index == expected {
+                break;
+            }
+        }
+    }
+    let latest = client
+        .list_offsets(destination_topic, partition, OffsetSpec::Latest)
+        .await
+        .expect("latest");
+    assert_eq!(
+        latest,
+        Some(expected as i64),
+        "partition {partition}: nothing after the expected records (no duplicates)"
+    );
+}
+
+/// A counter or gauge of the edge's `/metrics`, summed over its labels
+/// when `labels` is empty, else the line with exactly these labels.
+fn metric(broker: &Broker, name: &str, labels: &str) -> Option<u64> {
+    let (_, page) = http_get(broker.admin, "/metrics").ok()?;
+    let mut found = None;
+    for line in page.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (line_labels, value) = match rest.strip_prefix('{') {
+            Some(rest) => match rest.split_once("} ") {
+                Some((labels, value)) => (labels, value),
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(value) => ("", value),
+                None => continue,
+            },
+        };
+        if !labels.is_empty() && line_labels != labels {
+            continue;
+        }
+        let value: u64 = value.trim().parse().ok()?;
+        *found.get_or_insert(0) += value;
+    }
+    found
+}
+
+#[test]
+fn records_arrive_once_in_order_with_keys_headers_timestamps_and_provenance() {
+    let destination = Broker::start(&[]);
+    let settings = edge_settings(&destination.kafka_address(), ", create_partitions=3");
+    let edge = start_edge(&settings);
+    let runtime = runtime();
+    let count = 2_000;
+    runtime.block_on(async {
+        let client = connect(&edge.address()).await;
+        client
+            .create_topic("telemetry", 3, &[])
+            .await
+            .expect("create");
+        produce(&client, "telemetry", 3, 0, count).await;
+    });
+    wait_for_counts(&destination, "edge-1.telemetry", 3, count);
+    runtime.block_on(async {
+        let client = connect(&destination.address()).await;
+        for partition in 0..3 {
+            check_mirrored(&client, "edge-1.telemetry", "telemetry", partition, count).await;
+        }
+    });
+    // Lag comes down to zero and the status says so.
+    wait_until("lag to reach zero", DEADLINE, || {
+        metric(&edge, "rill_mirror_lag_records", "") == Some(0)
+            && metric(
+                &edge,
+                "rill_mirror_records_sent_total",
+                "destination=\"central\"",
+            ) == Some(3 * count)
+    });
+    let (status, body) = http_get(edge.admin, "/mirror").expect("status");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"state\":\"mirroring\""), "{body}");
+}
+
+/// Faults of the link held until the edge noticed them.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Cut,
+    Stall,
+    BlackHole,
+}
+
+fn failures(edge: &Broker) -> u64 {
+    metric(
+        edge,
+        "rill_mirror_connection_failures_total",
+        "destination=\"central\"",
+    )
+    .unwrap_or(0)
+}
+
+fn inflict(fault: Fault, proxy: &Proxy, edge: &Broker) {
+    match fault {
+        Fault::Cut => {
+            let accepted = proxy.accepted();
+            proxy.cut_all();
+            // Reconnected through the proxy after the cut.
+            wait_until("a reconnect after a cut", DEADLINE, || {
+                proxy.accepted() > accepted
+            });
+        }
+        Fault::Stall => {
+            let before = failures(edge);
+            proxy.stall(Direction::Both);
+            wait_until("the edge to give up on a stalled link", DEADLINE, || {
+                failures(edge) > before
+            });
+            proxy.resume();
+        }
+        Fault::BlackHole => {
+            let before = failures(edge);
+            proxy.black_hole(true);
+            wait_until("the edge to give up on a black hole", DEADLINE, || {
+                failures(edge) > before
+            });
+            proxy.black_hole(false);
+        }
+    }
+}
+
+#[test]
+fn a_million_records_arrive_exactly_once_through_link_faults_and_crashes() {
+    const PARTITIONS: u32 = 4;
+    const ROUNDS: u64 = 25;
+    const PER_ROUND: u64 = 10_000; // per partition: 25 × 10,000 × 4 = 1,000,000
+    let started = Instant::now();
+    let ports = Ports::free();
+    let proxy = Proxy::start(ports.kafka);
+    let advertised = format!("kafka.advertised_port={}", proxy.port());
+    let mut destination = Broker::start_on(ports, &[advertised.as_str()]);
+    let settings = edge_settings(
+        &proxy.address().to_string(),
+        ", create_partitions=4, request_timeout_ms=1000, backoff_ms_min=20, backoff_ms_max=400",
+    );
+    let mut edge = start_edge(&settings);
+    let runtime = runtime();
+    runtime.block_on(async {
+        let client = connect(&edge.address()).await;
+        client
+            .create_topic("chaos", PARTITIONS, &[])
+            .await
+            .expect("create");
+    });
+    let destination_topic = "edge-1.chaos";
+    let faults = [Fault::Cut, Fault::Stall, Fault::BlackHole];
+    let mut inflicted = 0;
+    let mut kills = 0;
+    for round in 0..ROUNDS {
+        runtime.block_on(async {
+            let client = connect(&edge.address()).await;
+            produce(&client, "chaos", PARTITIONS, round * PER_ROUND, PER_ROUND).await;
+        });
+        inflict(faults[round as usize % faults.len()], &proxy, &edge);
+        inflicted += 1;
+        if round == 8 {
+            edge.kill();
+            edge.restart();
+            kills += 1;
+        }
+        if round == 16 {
+            destination.kill();
+            destination.restart();
+            kills += 1;
+        }
+    }
+    let total = ROUNDS * PER_ROUND;
+    wait_for_counts(&destination, destination_topic, PARTITIONS, total);
+    runtime.block_on(async {
+        let client = connect(&destination.address()).await;
+        for partition in 0..PARTITIONS {
+            check_mirrored(&client, destination_topic, "chaos", partition, total).await;
+        }
+    });
+    let elapsed = started.elapsed();
+    println!(
+        "mirrored {} records exactly once through {inflicted} link faults and {kills} SIGKILLs in {:.1} s",
+        total * u64::from(PARTITIONS),
+        elapsed.as_secs_f64()
+    );
+    assert!(inflicted >= 20 && kills >= 2);
+    drop(proxy);
+}
+
+#[test]
+fn a_backlog_drains_high_priority_topics_first() {
+    let ports = Ports::free();
+    let address = ports.kafka.to_string();
+    let settings = edge_settings(
+        &address,
+        ", create_partitions=1, bandwidth_bytes_per_s=400000, backoff_ms_max=500, priorities=[{pattern=\"alarms\", priority=200}]",
+    );
+    let edge = start_edge(&settings);
+    let runtime = runtime();
+    let count = 20_000;
+    runtime.block_on(async {
+        let client = connect(&edge.address()).await;
+        for topic in ["alarms", "telemetry"] {
+            client.create_topic(topic, 1, &[]).await.expect("create");
+        }
+        // Telemetry first, so arrival order alone would favour it.
+        produce(&client, "telemetry", 1, 0, count).await;
+        produce(&client, "alarms", 1, 0, count).await;
+    });
+    // The destination comes up with the backlog waiting.
+    let destination = Broker::start_on(ports, &[]);
+    let client = runtime.block_on(connect(&destination.address()));
+    let mut telemetry_when_alarms_done = None;
+    wait_until(
+        "the alarms backlog to drain",
+        Duration::from_secs(120),
+        || {
+            let alarms = runtime.block_on(destination_counts(&client, "edge-1.alarms", 1))[0];
+            let telemetry = runtime.block_on(destination_counts(&client, "edge-1.telemetry", 1))[0];
+            if alarms >= count {
+                telemetry_when_alarms_done = Some(telemetry);
+                return true;
+            }
+            false
+        },
+    );
+    let telemetry = telemetry_when_alarms_done.expect("drained");
+    println!("telemetry records at the destination when alarms finished: {telemetry} of {count}");
+    assert!(
+        telemetry < count / 4,
+        "the high-priority topic finishes first: telemetry had {telemetry} of {count}"
+    );
+    wait_for_counts(&destination, "edge-1.telemetry", 1, count);
+    runtime.block_on(async {
+        check_mirrored(&client, "edge-1.alarms", "alarms", 0, count).await;
+        check_mirrored(&client, "edge-1.telemetry", "telemetry", 0, count).await;
+    });
+}
+
+#[test]
+fn the_bandwidth_cap_holds_within_ten_percent() {
+    const CAP: u64 = 200_000;
+    let ports = Ports::free();
+    let proxy = Proxy::start(ports.kafka);
+    let advertised = format!("kafka.advertised_port={}", proxy.port());
+    let _destination = Broker::start_on(ports, &[advertised.as_str()]);
+    let settings = edge_settings(
+        &proxy.address().to_string(),
+        &format!(", create_partitions=1, bandwidth_bytes_per_s={CAP}"),
+    );
+    let edge = start_edge(&settings);
+    let runtime = runtime();
+    let count = 60_000;
+    runtime.block_on(async {
+        let client = connect(&edge.address()).await;
+        client.create_topic("bulk", 1, &[]).await.expect("create");
+        produce(&client, "bulk", 1, 0, count).await;
+    });
+    // What reached the destination's socket: batches and request headers.
+    let sent = || proxy.bytes_to_target();
+    // Measure over a window after the first bytes went (the burst is out).
+    wait_until("mirroring to start", DEADLINE, || sent() > CAP / 5);
+    let (start_bytes, start) = (sent(), Instant::now());
+    let mut rate = 0.0;
+    wait_until("a few seconds of draining", DEADLINE, || {
+        let elapsed = start.elapsed().as_secs_f64();
+        if elapsed < 4.0 {
+            return false;
+        }
+        rate = (sent() - start_bytes) as f64 / elapsed;
+        true
+    });
+    println!("mirrored at {rate:.0} bytes/s with a cap of {CAP} bytes/s");
+    assert!(
+        (rate - CAP as f64).abs() <= CAP as f64 * 0.10,
+        "rate {rate:.0} bytes/s is not within 10% of the cap {CAP}"
+    );
+}
