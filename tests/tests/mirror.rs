@@ -439,7 +439,7 @@ fn the_bandwidth_cap_holds_within_ten_percent() {
     let mut rate = 0.0;
     wait_until("a few seconds of draining", DEADLINE, || {
         let elapsed = start.elapsed().as_secs_f64();
-        if elapsed < 4.0 {
+        if elapsed < 5.0 {
             return false;
         }
         rate = (sent() - start_bytes) as f64 / elapsed;

@@ -75,6 +75,9 @@ const RETRY_MS: u64 = 500;
 const SHUTDOWN_DRAIN_MS: u64 = 5_000;
 /// Connect attempts give up after this.
 const CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Under a bandwidth cap, batches are cut at the bucket's burst, but not
+/// below this.
+const BATCH_BYTES_MIN_UNDER_CAP: u64 = 16 * 1024;
 /// Bytes read from a destination socket at once.
 const SOCKET_READ_BYTES: usize = 64 * 1024;
 
@@ -323,12 +326,18 @@ impl Driver {
             }
             Err(error) => return Err(format!("reading {}: {error}", checkpoint_path.display())),
         };
+        let mut config = config;
         let bucket = match config.bandwidth_bytes_per_s {
-            // A burst of a tenth of a second, at least one batch.
-            Some(rate) => Some(
-                TokenBucket::new(rate, (rate / 10).max(1), now)
-                    .map_err(|error| error.to_string())?,
-            ),
+            // A burst of a tenth of a second; batches no larger than about
+            // that, so the uplink is paced smoothly rather than a large
+            // batch now and silence for seconds after.
+            Some(rate) => {
+                let burst = (rate / 10).max(1);
+                let batch_bytes =
+                    usize::try_from(burst.max(BATCH_BYTES_MIN_UNDER_CAP)).unwrap_or(usize::MAX);
+                config.batch.batch_bytes_max = config.batch.batch_bytes_max.min(batch_bytes);
+                Some(TokenBucket::new(rate, burst, now).map_err(|error| error.to_string())?)
+            }
             None => None,
         };
         let reconcile_not_before_ms = now + shared.config.mirror.reconcile_delay_ms;
