@@ -76,11 +76,21 @@ fn batch_of(partition: u32, first: u64, count: u64) -> Vec<u8> {
 
 /// Produces records `first..first + count` to each partition, durably.
 async fn produce(client: &Client, topic: &str, partitions: u32, first: u64, count: u64) {
-    const PER_BATCH: u64 = 5_000;
+    produce_batches(client, topic, partitions, first, count, 5_000).await;
+}
+
+async fn produce_batches(
+    client: &Client,
+    topic: &str,
+    partitions: u32,
+    first: u64,
+    count: u64,
+    per_batch: u64,
+) {
     for partition in 0..partitions {
         let mut next = first;
         while next < first + count {
-            let records = PER_BATCH.min(first + count - next);
+            let records = per_batch.min(first + count - next);
             let produced = client
                 .produce(
                     topic,
@@ -137,8 +147,28 @@ async fn check_mirrored(
     partition: u32,
     expected: u64,
 ) {
+    check_mirrored_from(
+        client,
+        destination_topic,
+        source_topic,
+        partition,
+        0,
+        expected,
+    )
+    .await;
+}
+
+/// [`check_mirrored`] when the source's records before `first` were lost.
+async fn check_mirrored_from(
+    client: &Client,
+    destination_topic: &str,
+    source_topic: &str,
+    partition: u32,
+    first: u64,
+    expected: u64,
+) {
     let mut offset = 0i64;
-    let mut index = 0u64;
+    let mut index = first;
     while index < expected {
         let fetched = client
             .fetch(destination_topic, partition, offset, 8 << 20, 1, 0)
@@ -184,7 +214,7 @@ async fn check_mirrored(
         .expect("latest");
     assert_eq!(
         latest,
-        Some(expected as i64),
+        Some((expected - first) as i64),
         "partition {partition}: nothing after the expected records (no duplicates)"
     );
 }
@@ -450,4 +480,100 @@ fn the_bandwidth_cap_holds_within_ten_percent() {
         (rate - CAP as f64).abs() <= CAP as f64 * 0.10,
         "rate {rate:.0} bytes/s is not within 10% of the cap {CAP}"
     );
+}
+
+async fn earliest(client: &Client, topic: &str) -> u64 {
+    client
+        .list_offsets(topic, 0, OffsetSpec::Earliest)
+        .await
+        .expect("earliest")
+        .unwrap_or(0)
+        .max(0) as u64
+}
+
+#[test]
+fn unmirrored_records_are_kept_up_to_the_budget_and_counted_when_lost() {
+    const BUDGET: u64 = 256 * 1024;
+    let ports = Ports::free();
+    let mut settings = edge_settings(
+        &ports.kafka.to_string(),
+        ", create_partitions=1, exclude=[\"scratch\"], backoff_ms_max=300",
+    );
+    settings.extend([
+        "node.shards=1".to_string(),
+        format!("mirror.unmirrored_bytes_max={BUDGET}"),
+        "storage.retention_check_interval_ms=100".into(),
+        "topic_defaults.segment_bytes_max=16384".into(),
+        "topic_defaults.retention_bytes=16384".into(),
+    ]);
+    let edge = start_edge(&settings);
+    let runtime = runtime();
+    let client = runtime.block_on(connect(&edge.address()));
+    runtime.block_on(async {
+        for topic in ["kept", "scratch"] {
+            client.create_topic(topic, 1, &[]).await.expect("create");
+        }
+    });
+    // The replicator tracks the partition (and so protects it) before data comes.
+    wait_until("the replicator to track kept/0", DEADLINE, || {
+        http_get(edge.admin, "/mirror")
+            .map(|(_, body)| body.contains("\"topic\":\"kept\""))
+            .unwrap_or(false)
+    });
+    // Under the budget: retention trims the unmirrored topic, not this one.
+    let first_round = 2_000;
+    runtime.block_on(async {
+        produce_batches(&client, "kept", 1, 0, first_round, 100).await;
+        produce_batches(&client, "scratch", 1, 0, first_round, 100).await;
+    });
+    wait_until(
+        "retention to trim the unmirrored-free topic",
+        DEADLINE,
+        || runtime.block_on(earliest(&client, "scratch")) > 0,
+    );
+    assert_eq!(
+        runtime.block_on(earliest(&client, "kept")),
+        0,
+        "unmirrored records within the budget are kept"
+    );
+    // Over the budget: the oldest unmirrored records go.
+    let total = 20_000;
+    runtime.block_on(produce_batches(
+        &client,
+        "kept",
+        1,
+        first_round,
+        total - first_round,
+        100,
+    ));
+    wait_until(
+        "retention to take unmirrored records past the budget",
+        DEADLINE,
+        || runtime.block_on(earliest(&client, "kept")) > 0,
+    );
+    let start = runtime.block_on(earliest(&client, "kept"));
+    assert!(
+        start < total - 2_000,
+        "the budget's worth is kept (start {start})"
+    );
+    // The destination comes up: what is left arrives, what was lost is counted.
+    let destination = Broker::start_on(ports, &[]);
+    let lost_metric = || {
+        metric(
+            &edge,
+            "rill_mirror_evicted_unmirrored_records_total",
+            "destination=\"central\",topic=\"kept\",partition=\"0\"",
+        )
+    };
+    wait_until("the lost records to be counted", DEADLINE, || {
+        lost_metric().is_some_and(|lost| lost > 0)
+    });
+    let lost = lost_metric().unwrap_or(0);
+    println!("unmirrored records lost to retention: {lost} of {total}");
+    wait_for_counts(&destination, "edge-1.kept", 1, total - lost);
+    runtime.block_on(async {
+        let destination_client = connect(&destination.address()).await;
+        check_mirrored_from(&destination_client, "edge-1.kept", "kept", 0, lost, total).await;
+    });
+    assert!(lost >= start, "every record retention took is counted");
 }
