@@ -281,6 +281,98 @@ fn records_arrive_once_in_order_with_keys_headers_timestamps_and_provenance() {
     let (status, body) = http_get(edge.admin, "/mirror").expect("status");
     assert_eq!(status, 200);
     assert!(body.contains("\"state\":\"mirroring\""), "{body}");
+    // `rill mirror status` reads the same page.
+    let output = rill_tests::rill_command()
+        .args(["mirror", "status", "--admin", &edge.admin.to_string()])
+        .output()
+        .expect("run rill mirror status");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("destination central") && text.contains("telemetry/2"),
+        "{text}"
+    );
+    let mut edge = edge;
+    assert!(
+        edge.stop().success(),
+        "a graceful stop with the replicator on"
+    );
+}
+
+#[test]
+fn fewer_destination_partitions_keep_each_source_partitions_order() {
+    let destination = Broker::start(&[]);
+    let settings = edge_settings(&destination.kafka_address(), ", create_partitions=2");
+    let edge = start_edge(&settings);
+    let runtime = runtime();
+    let count = 3_000;
+    runtime.block_on(async {
+        let client = connect(&edge.address()).await;
+        client.create_topic("keyed", 3, &[]).await.expect("create");
+        produce(&client, "keyed", 3, 0, count).await;
+    });
+    let client = runtime.block_on(connect(&destination.address()));
+    wait_until("every record to arrive", DEADLINE, || {
+        runtime
+            .block_on(destination_counts(&client, "edge-1.keyed", 2))
+            .iter()
+            .sum::<u64>()
+            >= 3 * count
+    });
+    // Records are placed by key: each source partition's records must be
+    // there once each, in source order within each destination partition.
+    let mut seen: Vec<Vec<u64>> = vec![Vec::new(); 3];
+    runtime.block_on(async {
+        for partition in 0..2 {
+            let mut offset = 0;
+            let end = destination_counts(&client, "edge-1.keyed", 2).await[partition as usize];
+            let mut last_per_source = [None::<u64>; 3];
+            while (offset as u64) < end {
+                let fetched = client
+                    .fetch("edge-1.keyed", partition, offset, 8 << 20, 1, 0)
+                    .await
+                    .expect("fetch");
+                for record in records_of(&fetched.batches).expect("decode") {
+                    if record.offset < offset {
+                        continue;
+                    }
+                    offset = record.offset + 1;
+                    let provenance = record
+                        .headers
+                        .iter()
+                        .rev()
+                        .find(|(key, _)| key == PROVENANCE)
+                        .and_then(|(_, value)| value.clone())
+                        .expect("provenance");
+                    let text = String::from_utf8(provenance).expect("text");
+                    let parts: Vec<&str> = text.split('/').collect();
+                    assert_eq!(&parts[..2], &[EDGE_ID, "keyed"]);
+                    let source: usize = parts[2].parse().expect("partition");
+                    let index: u64 = parts[3].parse().expect("offset");
+                    assert_eq!(
+                        record.key.as_deref(),
+                        Some(key_of(source as u32, index).as_slice())
+                    );
+                    if let Some(last) = last_per_source[source] {
+                        assert!(
+                            index > last,
+                            "source order kept within a destination partition"
+                        );
+                    }
+                    last_per_source[source] = Some(index);
+                    seen[source].push(index);
+                }
+            }
+        }
+    });
+    for (source, mut indexes) in seen.into_iter().enumerate() {
+        indexes.sort_unstable();
+        assert_eq!(
+            indexes,
+            (0..count).collect::<Vec<_>>(),
+            "source partition {source}: every record exactly once"
+        );
+    }
 }
 
 /// Faults of the link held until the edge noticed them.
