@@ -107,6 +107,32 @@ async fn produce_batches(
     }
 }
 
+/// The records of fetched batches, compressed ones too (the uplink may be
+/// compressed; the native client's decoder takes plain batches only).
+fn decode_records(bytes: &[u8]) -> Vec<rill_node::client::ConsumedRecord> {
+    use rill_edge_bridge::replicator::batch::{decode_batch, split_batches};
+    let mut records = Vec::new();
+    for batch in split_batches(bytes) {
+        let batch = batch.expect("whole batch");
+        let decoded = decode_batch(batch, 64 << 20).expect("batch decodes");
+        for record in decoded.records() {
+            let record = record.expect("record decodes");
+            records.push(rill_node::client::ConsumedRecord {
+                offset: record.offset as i64,
+                timestamp_ms: record.timestamp_ms,
+                key: record.key.map(<[u8]>::to_vec),
+                value: record.value.map(<[u8]>::to_vec),
+                headers: record
+                    .headers
+                    .iter()
+                    .map(|header| (header.key.to_vec(), header.value.map(<[u8]>::to_vec)))
+                    .collect(),
+            });
+        }
+    }
+    records
+}
+
 /// Records in each destination partition (0 while the topic is missing).
 async fn destination_counts(client: &Client, topic: &str, partitions: u32) -> Vec<u64> {
     let mut counts = Vec::new();
@@ -178,7 +204,7 @@ async fn check_mirrored_from(
             fetched.next_offset > offset,
             "fetch made no progress at {offset}"
         );
-        for record in records_of(&fetched.batches).expect("decode batches") {
+        for record in decode_records(&fetched.batches) {
             if record.offset < offset {
                 continue;
             }
@@ -668,4 +694,97 @@ fn unmirrored_records_are_kept_up_to_the_budget_and_counted_when_lost() {
         check_mirrored_from(&destination_client, "edge-1.kept", "kept", 0, lost, total).await;
     });
     assert!(lost >= start, "every record retention took is counted");
+}
+
+/// A CA, a server certificate for localhost and a client certificate, as
+/// PEM files in `directory`: (ca, server cert, server key, client cert,
+/// client key).
+fn pki(directory: &std::path::Path) -> [String; 5] {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca certificate");
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().expect("leaf key");
+        let certificate = CertificateParams::new(names)
+            .expect("leaf params")
+            .signed_by(&key, &issuer)
+            .expect("leaf certificate");
+        (certificate.pem(), key.serialize_pem())
+    };
+    let server = leaf(vec!["localhost".into()]);
+    let client = leaf(vec!["edge-1".into()]);
+    let write = |name: &str, contents: &str| {
+        let path = directory.join(name);
+        std::fs::write(&path, contents).expect("write pem");
+        path.display().to_string()
+    };
+    [
+        write("ca.pem", &ca.pem()),
+        write("server.pem", &server.0),
+        write("server.key", &server.1),
+        write("client.pem", &client.0),
+        write("client.key", &client.1),
+    ]
+}
+
+#[test]
+fn mirroring_over_tls_with_a_client_certificate() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let [ca, server_cert, server_key, client_cert, client_key] = pki(directory.path());
+    // The destination requires TLS and a client certificate on every listener.
+    let destination = Broker::start(&[
+        &format!("tls.cert_file={server_cert}"),
+        &format!("tls.key_file={server_key}"),
+        &format!("tls.client_ca_file={ca}"),
+    ]);
+    let settings = edge_settings(
+        &destination.kafka_address(),
+        &format!(
+            ", create_partitions=2, tls=true, tls_ca_file=\"{ca}\", tls_cert_file=\"{client_cert}\", tls_key_file=\"{client_key}\", tls_server_name=\"localhost\", compression=\"zstd\""
+        ),
+    );
+    let edge = start_edge(&settings);
+    let runtime = runtime();
+    let count = 3_000;
+    runtime.block_on(async {
+        let client = connect(&edge.address()).await;
+        client.create_topic("secure", 2, &[]).await.expect("create");
+        produce(&client, "secure", 2, 0, count).await;
+    });
+    let tls = rill_node::client::ClientTls {
+        config: rill_node::tls::client_config(
+            std::path::Path::new(&ca),
+            Some((
+                std::path::Path::new(&client_cert),
+                std::path::Path::new(&client_key),
+            )),
+        )
+        .expect("client tls"),
+        server_name: "localhost".into(),
+    };
+    let client = runtime.block_on(async {
+        Client::connect(
+            &destination.address(),
+            ClientConfig {
+                tls: Some(tls),
+                ..ClientConfig::default()
+            },
+        )
+        .await
+        .expect("connect over TLS")
+    });
+    wait_until("every record to arrive over TLS", DEADLINE, || {
+        runtime
+            .block_on(destination_counts(&client, "edge-1.secure", 2))
+            .iter()
+            .all(|&records| records >= count)
+    });
+    runtime.block_on(async {
+        for partition in 0..2 {
+            check_mirrored(&client, "edge-1.secure", "secure", partition, count).await;
+        }
+    });
 }
