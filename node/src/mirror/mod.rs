@@ -62,13 +62,16 @@ pub struct DestinationStatus {
     pub partitions: Vec<PartitionLag>,
 }
 
+/// Per destination (by index), a partition's frontier.
+type DestinationFrontiers = Vec<(usize, u64)>;
+
 /// The replicator's broker-wide state.
 #[derive(Debug, Default)]
 pub struct MirrorState {
     destinations: Mutex<Vec<DestinationStatus>>,
     /// Per source partition, the lowest frontier over the destinations:
     /// what retention keeps (up to `mirror.unmirrored_bytes_max`).
-    frontiers: Mutex<BTreeMap<(String, u32), Vec<(usize, u64)>>>,
+    frontiers: Mutex<BTreeMap<(String, u32), DestinationFrontiers>>,
     /// By destination, topic and partition.
     evicted_unmirrored: Mutex<BTreeMap<(String, String, u32), u64>>,
 }
