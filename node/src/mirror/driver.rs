@@ -66,7 +66,7 @@ const CHECKPOINT_BYTES_MAX: usize = 64 << 20;
 /// Fetch size while scanning a destination's tail.
 const SCAN_FETCH_BYTES: i32 = 1 << 20;
 /// A long poll on a caught-up partition is renewed this often.
-const WAIT_MS: u64 = 1_000;
+const WAIT_MS: u64 = 5_000;
 /// Status and frontiers are published this often.
 const PUBLISH_MS: u64 = 250;
 /// A failed reconciliation or source read is tried again after this.
@@ -75,6 +75,8 @@ const RETRY_MS: u64 = 500;
 const SHUTDOWN_DRAIN_MS: u64 = 5_000;
 /// Connect attempts give up after this.
 const CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Batch bytes one destination holds (in flight or waiting) at most.
+const HELD_BYTES_MAX: u64 = 64 << 20;
 /// Under a bandwidth cap, batches are cut at the bucket's burst, but not
 /// below this.
 const BATCH_BYTES_MIN_UNDER_CAP: u64 = 16 * 1024;
@@ -178,6 +180,10 @@ struct Driver {
     builders: BTreeMap<(usize, u32), BatchBuilder>,
     pending: VecDeque<Finished>,
     in_flight: HashMap<u64, Sent>,
+    /// Bytes of the batches in `in_flight` and `pending`.
+    held_bytes: u64,
+    /// Reading stops while `held_bytes` is at this.
+    held_bytes_max: u64,
     next_token: u64,
     bucket: Option<TokenBucket>,
     checkpoint_path: PathBuf,
@@ -341,6 +347,10 @@ impl Driver {
             None => None,
         };
         let reconcile_not_before_ms = now + shared.config.mirror.reconcile_delay_ms;
+        // An eighth of the memory budget per destination, at least a few
+        // largest batches.
+        let held_bytes_max = (shared.config.node.memory_budget_bytes / 8)
+            .clamp(4 * config.batch.batch_bytes_max as u64, HELD_BYTES_MAX);
         Ok(Driver {
             shared,
             config,
@@ -360,6 +370,8 @@ impl Driver {
             builders: BTreeMap::new(),
             pending: VecDeque::new(),
             in_flight: HashMap::new(),
+            held_bytes: 0,
+            held_bytes_max,
             next_token: 1,
             bucket,
             checkpoint_path,
@@ -473,6 +485,9 @@ impl Driver {
                     code,
                 } => {
                     let sent = self.in_flight.remove(&token);
+                    if let Some(sent) = &sent {
+                        self.held_bytes = self.held_bytes.saturating_sub(sent.bytes);
+                    }
                     let message = format!(
                         "the destination refused a batch for {}/{} (error {code}); its source partition is stopped",
                         partition.topic, partition.partition
@@ -829,6 +844,7 @@ impl Driver {
         self.builders.clear();
         self.pending.clear();
         self.in_flight.clear();
+        self.held_bytes = 0;
         self.progress.discard_unacknowledged();
         self.producer_ready = false;
         for state in self.destinations.values_mut() {
@@ -845,6 +861,7 @@ impl Driver {
         let Some(sent) = self.in_flight.remove(&token) else {
             return;
         };
+        self.held_bytes = self.held_bytes.saturating_sub(sent.bytes);
         let Some(source) = self.sources.get(sent.source) else {
             return;
         };
@@ -916,7 +933,7 @@ impl Driver {
     /// Returns whether anything was read.
     async fn read_next(&mut self) -> bool {
         let now = now_ms();
-        if self.pending.len() >= PENDING_BATCHES_MAX {
+        if self.pending.len() >= PENDING_BATCHES_MAX || self.held_bytes >= self.held_bytes_max {
             return false;
         }
         // Under a cap, read only once what was read went out, so that
@@ -1123,11 +1140,14 @@ impl Driver {
             return;
         }
         match builder.finish() {
-            Ok(batch) => self.pending.push_back(Finished {
-                source: key.0,
-                destination,
-                batch,
-            }),
+            Ok(batch) => {
+                self.held_bytes += batch.bytes.len() as u64;
+                self.pending.push_back(Finished {
+                    source: key.0,
+                    destination,
+                    batch,
+                });
+            }
             Err(error) => self.stop_source(key.0, format!("compressing a batch: {error}")),
         }
     }
@@ -1182,14 +1202,16 @@ impl Driver {
                 Ok(()) => {
                     self.in_flight.insert(token, sent);
                 }
-                Err(ProduceError::PartitionStopped) => {
-                    self.stop_source(finished.source, "destination partition stopped".into());
-                }
                 Err(error) => {
-                    // Not taken: the batch is dropped with its progress; a
-                    // reset re-reads from the frontier.
-                    tracing::warn!(destination = %self.config.name, %error, "batch not taken by the client");
-                    return;
+                    // has_room said it would be taken. Dropping it would
+                    // stall the frontier and re-reading could duplicate
+                    // what is in flight: stop the partition and report.
+                    self.held_bytes = self.held_bytes.saturating_sub(size);
+                    let why = match error {
+                        ProduceError::PartitionStopped => "destination partition stopped".into(),
+                        error => format!("the producer client refused a batch: {error}"),
+                    };
+                    self.stop_source(finished.source, why);
                 }
             }
         }
