@@ -418,28 +418,74 @@ fn failures(edge: &Broker) -> u64 {
     .unwrap_or(0)
 }
 
-fn inflict(fault: Fault, proxy: &Proxy, edge: &Broker) {
+/// Puts one record in a topic of its own on the edge, so the replicator
+/// has something to send while a fault is on (an idle link shows no fault).
+fn pulse(edge: &Broker) {
+    let runtime = runtime();
+    runtime.block_on(async {
+        let client = connect(&edge.address()).await;
+        client
+            .produce(
+                "pulse",
+                Target::Partition(0),
+                Acks::Durable,
+                &batch_of(0, 0, 1),
+            )
+            .await
+            .expect("pulse")
+            .expect("acknowledged");
+    });
+}
+
+/// Starts a fault; returns what `heal_fault` needs to know it was noticed.
+fn begin_fault(fault: Fault, proxy: &Proxy, edge: &Broker) -> u64 {
     match fault {
         Fault::Cut => {
             let accepted = proxy.accepted();
             proxy.cut_all();
-            // Reconnected through the proxy after the cut.
-            wait_until("a reconnect after a cut", DEADLINE, || {
-                proxy.accepted() > accepted
-            });
+            accepted
         }
         Fault::Stall => {
             let before = failures(edge);
             proxy.stall(Direction::Both);
-            wait_until("the edge to give up on a stalled link", DEADLINE, || {
+            before
+        }
+        Fault::BlackHole => {
+            let before = failures(edge);
+            proxy.black_hole(true);
+            before
+        }
+    }
+}
+
+/// [`wait_until`], with the edge's replicator status in the failure.
+fn wait_for_edge(edge: &Broker, what: &str, mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        if started.elapsed() > DEADLINE {
+            let status = http_get(edge.admin, "/mirror").map(|(_, body)| body);
+            panic!("timed out waiting for {what}; the edge's mirror status: {status:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the edge noticed the fault (with a record to send, so an
+/// idle link cannot hide it), then ends it.
+fn heal_fault(fault: Fault, proxy: &Proxy, edge: &Broker, before: u64) {
+    pulse(edge);
+    match fault {
+        Fault::Cut => wait_for_edge(edge, "a reconnect after a cut", || {
+            proxy.accepted() > before
+        }),
+        Fault::Stall => {
+            wait_for_edge(edge, "the edge to give up on a stalled link", || {
                 failures(edge) > before
             });
             proxy.resume();
         }
         Fault::BlackHole => {
-            let before = failures(edge);
-            proxy.black_hole(true);
-            wait_until("the edge to give up on a black hole", DEADLINE, || {
+            wait_for_edge(edge, "the edge to give up on a black hole", || {
                 failures(edge) > before
             });
             proxy.black_hole(false);
@@ -469,17 +515,31 @@ fn a_million_records_arrive_exactly_once_through_link_faults_and_crashes() {
             .create_topic("chaos", PARTITIONS, &[])
             .await
             .expect("create");
+        client.create_topic("pulse", 1, &[]).await.expect("create");
     });
     let destination_topic = "edge-1.chaos";
     let faults = [Fault::Cut, Fault::Stall, Fault::BlackHole];
     let mut inflicted = 0;
     let mut kills = 0;
+    let mut behind_at_heal = 0;
     for round in 0..ROUNDS {
+        // The round's records are produced while the link is faulty, so
+        // every fault hits the mirror with records waiting.
+        let fault = faults[round as usize % faults.len()];
+        let before = begin_fault(fault, &proxy, &edge);
         runtime.block_on(async {
             let client = connect(&edge.address()).await;
             produce(&client, "chaos", PARTITIONS, round * PER_ROUND, PER_ROUND).await;
         });
-        inflict(faults[round as usize % faults.len()], &proxy, &edge);
+        let produced = (round + 1) * PER_ROUND;
+        let mirrored = runtime.block_on(async {
+            let client = connect(&destination.address()).await;
+            destination_counts(&client, destination_topic, PARTITIONS).await
+        });
+        if mirrored.iter().any(|&count| count < produced) {
+            behind_at_heal += 1;
+        }
+        heal_fault(fault, &proxy, &edge, before);
         inflicted += 1;
         if round == 8 {
             edge.kill();
@@ -502,11 +562,15 @@ fn a_million_records_arrive_exactly_once_through_link_faults_and_crashes() {
     });
     let elapsed = started.elapsed();
     println!(
-        "mirrored {} records exactly once through {inflicted} link faults and {kills} SIGKILLs in {:.1} s",
+        "mirrored {} records exactly once through {inflicted} link faults ({behind_at_heal} with records still to mirror when healed) and {kills} SIGKILLs in {:.1} s",
         total * u64::from(PARTITIONS),
         elapsed.as_secs_f64()
     );
     assert!(inflicted >= 20 && kills >= 2);
+    assert!(
+        behind_at_heal >= 20,
+        "faults should hit the mirror mid-stream ({behind_at_heal} of {inflicted} did)"
+    );
     drop(proxy);
 }
 

@@ -1362,7 +1362,11 @@ impl Driver {
                 .iter()
                 .any(|reconcile| !matches!(reconcile, Reconcile::Done))
         });
-        let state = if !self.producer_ready {
+        let topics_known = self
+            .sources
+            .iter()
+            .all(|source| self.destinations.contains_key(&source.destination_topic));
+        let state = if !self.producer_ready || !topics_known {
             "connecting"
         } else if reconciling {
             "reconciling"
