@@ -852,3 +852,36 @@ fn mirroring_over_tls_with_a_client_certificate() {
         }
     });
 }
+
+#[test]
+fn a_missing_topic_without_creation_is_reported() {
+    let destination = Broker::start(&["topics.auto_create=false"]);
+    let settings = edge_settings(
+        &destination.kafka_address(),
+        ", create_topics=false, include=[\"orders\"]",
+    );
+    let edge = start_edge(&settings);
+    let runtime = runtime();
+    runtime.block_on(async {
+        let client = connect(&edge.address()).await;
+        client.create_topic("orders", 1, &[]).await.expect("create");
+        produce(&client, "orders", 1, 0, 10).await;
+    });
+    wait_for_edge(&edge, "the missing topic to be reported", || {
+        http_get(edge.admin, "/mirror")
+            .map(|(_, body)| {
+                body.contains("edge-1.orders") && body.contains("creating topics is not allowed")
+            })
+            .unwrap_or(false)
+    });
+    let (_, body) = http_get(edge.admin, "/mirror").expect("status");
+    assert!(body.contains("\"state\":\"connecting\""), "{body}");
+    assert_eq!(
+        metric(
+            &edge,
+            "rill_mirror_lag_records",
+            "destination=\"central\",topic=\"orders\",partition=\"0\""
+        ),
+        Some(10)
+    );
+}

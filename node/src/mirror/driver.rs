@@ -987,6 +987,15 @@ impl Driver {
                 self.skip_evicted(index, position).await;
                 return true;
             }
+            Ok(Err(error))
+                if matches!(
+                    error.code,
+                    ErrorCode::UnknownTopic | ErrorCode::UnknownPartition
+                ) =>
+            {
+                self.stop_source(index, format!("the source partition is gone: {error}"));
+                return false;
+            }
             Ok(Err(error)) => {
                 tracing::warn!(destination = %self.config.name, topic = %partition.topic, partition = partition.partition, %error, "mirror read failed; retrying");
                 self.sources[index].retry_at_ms = now + RETRY_MS;
