@@ -452,6 +452,25 @@ mod tests {
     }
 
     #[test]
+    fn the_example_in_docs_mirror_md_is_a_valid_file() {
+        let docs = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/mirror.md"),
+        )
+        .expect("docs/mirror.md");
+        let start = docs.find("```toml\n").expect("a toml example") + "```toml\n".len();
+        let length = docs[start..].find("```").expect("the example ends");
+        let directory = tempfile::tempdir().expect("tempdir");
+        let path = directory.path().join("mirror.toml");
+        std::fs::write(&path, &docs[start..start + length]).expect("write");
+        let config = crate::config::check_file(&path).expect("valid");
+        let destinations = config.mirror.destinations().expect("valid destinations");
+        assert_eq!(destinations.len(), 1);
+        assert_eq!(destinations[0].bandwidth_bytes_per_s, Some(250_000));
+        assert!(destinations[0].tls.is_some() && destinations[0].client.sasl.is_some());
+        assert_eq!(config.mirror.effective_edge_id(), "truck-17");
+    }
+
+    #[test]
     fn edge_id_from_the_host_name_is_valid() {
         let id = MirrorSection::default().effective_edge_id();
         assert!(validate_edge_id(&id).is_ok(), "{id}");
