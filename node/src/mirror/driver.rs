@@ -1182,7 +1182,15 @@ impl Driver {
         let mut position = 0;
         while position < self.pending.len() {
             let destination = self.pending[position].destination.clone();
-            if blocked.contains(&destination) || !self.client.has_room(&destination) {
+            // Nothing goes to a partition while it is reconciled (its
+            // partition count changed): the scan must see a quiet tail.
+            let reconciled = self
+                .destinations
+                .get(&destination.topic)
+                .and_then(|state| state.reconcile.get(destination.partition as usize))
+                .is_some_and(|state| matches!(state, Reconcile::Done));
+            if blocked.contains(&destination) || !reconciled || !self.client.has_room(&destination)
+            {
                 blocked.insert(destination);
                 position += 1;
                 continue;
