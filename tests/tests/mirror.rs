@@ -885,3 +885,46 @@ fn a_missing_topic_without_creation_is_reported() {
         Some(10)
     );
 }
+
+#[test]
+fn several_destinations_each_keep_their_own_progress() {
+    let up = Broker::start(&[]);
+    let later = Ports::free();
+    let settings = vec![
+        format!("mirror.edge_id={EDGE_ID}"),
+        "mirror.reconcile_delay_ms=0".into(),
+        "mirror.topic_refresh_ms=200".into(),
+        format!(
+            "mirror.destinations=[{{name=\"up\", bootstrap_servers=[\"{}\"], create_partitions=2, linger_ms=5}}, {{name=\"later\", bootstrap_servers=[\"{}\"], create_partitions=2, linger_ms=5, backoff_ms_max=300, rename=\"identity\"}}]",
+            up.kafka_address(),
+            later.kafka
+        ),
+    ];
+    let edge = start_edge(&settings);
+    let runtime = runtime();
+    let count = 2_000;
+    runtime.block_on(async {
+        let client = connect(&edge.address()).await;
+        client.create_topic("shared", 2, &[]).await.expect("create");
+        produce(&client, "shared", 2, 0, count).await;
+    });
+    // One destination being down holds nothing up at the other.
+    wait_for_counts(&up, "edge-1.shared", 2, count);
+    wait_for_edge(&edge, "the lag of the destination that is down", || {
+        metric(
+            &edge,
+            "rill_mirror_lag_records",
+            "destination=\"later\",topic=\"shared\",partition=\"0\"",
+        ) == Some(count)
+    });
+    let later = Broker::start_on(later, &[]);
+    wait_for_counts(&later, "shared", 2, count);
+    runtime.block_on(async {
+        let up_client = connect(&up.address()).await;
+        let later_client = connect(&later.address()).await;
+        for partition in 0..2 {
+            check_mirrored(&up_client, "edge-1.shared", "shared", partition, count).await;
+            check_mirrored(&later_client, "shared", "shared", partition, count).await;
+        }
+    });
+}
