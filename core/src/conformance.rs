@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::batch::{BATCH_HEADER_BYTES, BatchHeader, Record, RecordIter, encode_batch};
-use crate::log::{FsyncPolicy, LogConfig, PartitionLog, ReadError, TimestampType};
+use crate::log::{FsyncPolicy, LogConfig, PartitionLog, Protection, ReadError, TimestampType};
 use crate::segment;
 use crate::storage::{AlignedBuf, OpenMode, Storage, StorageFile, read_exact_at};
 
@@ -381,6 +381,59 @@ pub async fn retention_and_delete_records<S: Storage>(
     assert_eq!(log.next_offset(), next);
 }
 
+/// Retention keeps segments with protected (unmirrored) records while they
+/// fit the protection's budget, and takes the oldest of them beyond it.
+pub async fn retention_keeps_protected_records<S: Storage>(
+    storage: S,
+    directory: &Path,
+    config: LogConfig,
+) {
+    let mut log = open(&storage, directory, config).await;
+    for tag in 0..60 {
+        log.append(&make_batch(2, 500, 1000 * tag as i64, tag), 0)
+            .await
+            .expect("append");
+    }
+    assert!(log.segment_count() >= 5);
+    log.set_config(LogConfig {
+        retention_ms: Some(1000),
+        ..config
+    });
+    let everything = Protection {
+        from_offset: 0,
+        bytes_max: log.size_bytes(),
+    };
+    let report = log
+        .apply_retention_protected(1_000_000, Some(everything))
+        .await
+        .expect("retention");
+    assert_eq!(report.segments_deleted, 0, "all of it fits the budget");
+    assert_eq!(log.log_start_offset(), 0);
+    assert!(!log.may_evict_oldest(Some(everything)));
+    // Mirrored up to offset 40: what is below may go, the rest stays.
+    let mirrored = Protection {
+        from_offset: 40,
+        bytes_max: log.size_bytes(),
+    };
+    assert!(log.may_evict_oldest(Some(mirrored)));
+    log.apply_retention_protected(1_000_000, Some(mirrored))
+        .await
+        .expect("retention");
+    let start = log.log_start_offset();
+    assert!(start > 0 && start <= 40, "log start {start}");
+    // A budget smaller than the unmirrored bytes: the oldest go until the
+    // rest fits.
+    let tight = Protection {
+        from_offset: 40,
+        bytes_max: log.bytes_from(40) / 2,
+    };
+    log.apply_retention_protected(1_000_000, Some(tight))
+        .await
+        .expect("retention");
+    assert!(log.log_start_offset() > 40);
+    assert!(log.bytes_from(40) > 0);
+}
+
 /// With log-append time, the stored batch carries the broker's time and a valid CRC.
 pub async fn log_append_time<S: Storage>(storage: S, directory: &Path, config: LogConfig) {
     let config = LogConfig {
@@ -482,6 +535,7 @@ pub fn all<S: Storage + 'static>() -> Vec<(&'static str, Check<S>)> {
         indexes_are_rebuilt,
         offsets_by_timestamp,
         retention_and_delete_records,
+        retention_keeps_protected_records,
         log_append_time,
         file_ranges_cover_whole_batches,
     ]

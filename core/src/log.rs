@@ -79,6 +79,17 @@ pub struct TrimReport {
     pub records_deleted: u64,
 }
 
+/// Records retention and eviction should keep because they are not yet
+/// where they must go (the replicator's frontier), up to a budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protection {
+    /// Records from this offset on are protected.
+    pub from_offset: i64,
+    /// Bytes of segments holding protected records that are kept; past it
+    /// the oldest of them may go.
+    pub bytes_max: u64,
+}
+
 /// The log of one partition.
 #[derive(Debug)]
 pub struct PartitionLog<S: Storage> {
@@ -400,7 +411,44 @@ impl<S: Storage> PartitionLog<S> {
     /// timestamp older than `retention_ms`) and by size (while the log without
     /// the oldest segment still holds `retention_bytes`). Never the active one.
     pub async fn apply_retention(&mut self, now_ms: i64) -> Result<TrimReport, MaintenanceError> {
+        self.apply_retention_protected(now_ms, None).await
+    }
+
+    /// Bytes of the segments that hold records at or after `offset`.
+    pub fn bytes_from(&self, offset: i64) -> u64 {
+        self.segments
+            .values()
+            .filter(|segment| segment.next_offset > offset || segment.is_active())
+            .map(|segment| segment.size_bytes)
+            .sum()
+    }
+
+    /// Whether deleting the oldest sealed segment keeps `protection`: it
+    /// holds no protected record, or the protected bytes are over budget.
+    pub fn may_evict_oldest(&self, protection: Option<Protection>) -> bool {
+        let Some(protection) = protection else {
+            return true;
+        };
+        self.segments
+            .values()
+            .next()
+            .filter(|segment| !segment.is_active())
+            .is_some_and(|segment| {
+                segment.next_offset <= protection.from_offset
+                    || self.bytes_from(protection.from_offset) > protection.bytes_max
+            })
+    }
+
+    /// [`PartitionLog::apply_retention`], keeping segments with records
+    /// `protection` covers while they fit its budget.
+    pub async fn apply_retention_protected(
+        &mut self,
+        now_ms: i64,
+        protection: Option<Protection>,
+    ) -> Result<TrimReport, MaintenanceError> {
         let mut remaining = self.size_bytes();
+        let mut protected_bytes =
+            protection.map(|protection| self.bytes_from(protection.from_offset));
         let mut delete_before = None;
         for segment in self.segments.values() {
             if segment.is_active() {
@@ -417,6 +465,15 @@ impl<S: Storage> PartitionLog<S> {
             let below_start = segment.next_offset <= self.log_start_offset;
             if !(expired || oversized || below_start) {
                 break;
+            }
+            if let (Some(protection), Some(protected)) = (protection, protected_bytes.as_mut())
+                && !below_start
+                && segment.next_offset > protection.from_offset
+            {
+                if *protected <= protection.bytes_max {
+                    break;
+                }
+                *protected -= segment.size_bytes;
             }
             remaining -= segment.size_bytes;
             delete_before = Some(segment.next_offset);

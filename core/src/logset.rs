@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::log::{
-    AppendError, AppendInfo, LogConfig, MaintenanceError, OpenError, PartitionLog, RecoveryReport,
-    TrimReport,
+    AppendError, AppendInfo, LogConfig, MaintenanceError, OpenError, PartitionLog, Protection,
+    RecoveryReport, TrimReport,
 };
 use crate::storage::Storage;
 
@@ -68,6 +68,7 @@ pub type PartitionKey = (String, u32);
 struct Entry<S: Storage> {
     log: PartitionLog<S>,
     eviction: EvictionSettings,
+    protection: Option<Protection>,
 }
 
 /// Eviction done to make room, for metrics and for counting lost data.
@@ -124,10 +125,14 @@ impl<S: Storage> LogSet<S> {
         let directory = partition_directory(&self.root, topic, partition);
         let (log, report) = PartitionLog::open(self.storage.clone(), &directory, config).await?;
         self.usage.add(log.size_bytes());
-        if let Some(old) = self
-            .logs
-            .insert((topic.to_string(), partition), Entry { log, eviction })
-        {
+        if let Some(old) = self.logs.insert(
+            (topic.to_string(), partition),
+            Entry {
+                log,
+                eviction,
+                protection: None,
+            },
+        ) {
             self.usage.subtract(old.log.size_bytes());
         }
         Ok(report)
@@ -162,6 +167,14 @@ impl<S: Storage> LogSet<S> {
         self.logs
             .get_mut(&(topic.to_string(), partition))
             .map(|entry| &mut entry.log)
+    }
+
+    /// What retention and eviction keep of a partition (the replicator's
+    /// unmirrored records); `None`: nothing beyond its own settings.
+    pub fn set_protection(&mut self, topic: &str, partition: u32, protection: Option<Protection>) {
+        if let Some(entry) = self.logs.get_mut(&(topic.to_string(), partition)) {
+            entry.protection = protection;
+        }
     }
 
     pub fn set_eviction(&mut self, topic: &str, partition: u32, eviction: EvictionSettings) {
@@ -238,6 +251,7 @@ impl<S: Storage> LogSet<S> {
             .logs
             .iter()
             .filter(|(_, entry)| entry.eviction.disk_full == DiskFullPolicy::EvictOldest)
+            .filter(|(_, entry)| entry.log.may_evict_oldest(entry.protection))
             .filter_map(|(key, entry)| {
                 entry
                     .log
@@ -274,7 +288,10 @@ impl<S: Storage> LogSet<S> {
     pub async fn apply_retention(&mut self, now_ms: i64) -> Result<TrimReport, MaintenanceError> {
         let mut total = TrimReport::default();
         for entry in self.logs.values_mut() {
-            let report = entry.log.apply_retention(now_ms).await?;
+            let report = entry
+                .log
+                .apply_retention_protected(now_ms, entry.protection)
+                .await?;
             self.usage.subtract(report.bytes_deleted);
             total.segments_deleted += report.segments_deleted;
             total.bytes_deleted += report.bytes_deleted;

@@ -8,5 +8,6 @@ pub mod client;
 pub mod config;
 pub mod io;
 pub mod kafka;
+pub mod mirror;
 pub mod mqtt;
 pub mod tls;

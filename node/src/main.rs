@@ -164,6 +164,11 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// The replicator's destinations, their state and lag.
+    Mirror {
+        #[command(subcommand)]
+        command: MirrorCommand,
+    },
     /// MQTT listener helpers.
     Mqtt {
         #[command(subcommand)]
@@ -260,6 +265,19 @@ enum ConfigCommand {
     Check { file: PathBuf },
     /// Every key with its default and unit.
     Keys,
+}
+
+#[derive(Debug, Subcommand)]
+enum MirrorCommand {
+    /// Each destination's state, last error and lag per partition.
+    Status {
+        /// The broker's admin listener (listeners.admin).
+        #[arg(long, default_value = "127.0.0.1:7471")]
+        admin: String,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -474,6 +492,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Command::Mirror {
+            command: MirrorCommand::Status { admin, json },
+        } => {
+            let body = rill_node::cli::fetch_mirror_status(&admin)?;
+            if json {
+                println!("{body}");
+            } else {
+                print!("{}", rill_node::cli::format_mirror_status(&body)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Mqtt {
             command: MqttCommand::Passwd { user, rounds },
         } => {

@@ -745,8 +745,16 @@ impl Client {
             .unwrap_or_default();
         for purpose in purposes {
             match purpose {
-                Purpose::Metadata => self.metadata_in_flight = false,
-                Purpose::CreateTopics => self.create_in_flight = false,
+                // Asked again as soon as a connection is back, not at the
+                // next refresh: topics wait for it.
+                Purpose::Metadata => {
+                    self.metadata_in_flight = false;
+                    self.metadata_due_ms = self.metadata_due_ms.min(now_ms);
+                }
+                Purpose::CreateTopics => {
+                    self.create_in_flight = false;
+                    self.metadata_due_ms = self.metadata_due_ms.min(now_ms);
+                }
                 Purpose::InitProducerId => self.producer = Producer::None,
                 Purpose::Fetch(info) => self.reads.push_front(Read::Fetch(info)),
                 Purpose::ListOffsets(info) => self.reads.push_front(Read::ListOffsets(info)),

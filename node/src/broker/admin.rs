@@ -91,8 +91,10 @@ fn answer(stream: &mut impl ReadWrite, shared: &Shared) -> std::io::Result<()> {
             };
             let mut page = shared.metrics.render(&shared.published_stats(), &facts);
             shared.mqtt.render_metrics(&mut page);
+            shared.mirror.render_metrics(&mut page);
             ("200 OK", "text/plain; version=0.0.4", page)
         }
+        ("GET", "/mirror") => ("200 OK", "application/json", shared.mirror.render_json()),
         ("GET", "/health") => ("200 OK", "text/plain", "ok\n".to_string()),
         ("GET", "/ready") if shared.is_ready() => ("200 OK", "text/plain", "ready\n".to_string()),
         ("GET", "/ready") if shared.is_shutting_down() => (
@@ -108,7 +110,7 @@ fn answer(stream: &mut impl ReadWrite, shared: &Shared) -> std::io::Result<()> {
         ("GET", _) => (
             "404 Not Found",
             "text/plain",
-            "try /metrics, /health or /ready\n".to_string(),
+            "try /metrics, /mirror, /health or /ready\n".to_string(),
         ),
         _ => (
             "405 Method Not Allowed",

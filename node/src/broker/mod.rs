@@ -90,6 +90,8 @@ pub struct Shared {
     /// The MQTT listener's broker-wide state (sessions, subscriptions,
     /// retained messages, wills).
     pub mqtt: crate::mqtt::MqttState,
+    /// The replicator's frontiers and figures.
+    pub mirror: crate::mirror::MirrorState,
     pub usage: DiskUsage,
     pub metrics: Metrics,
     /// TLS for the listeners, when `tls.cert_file` is set.
@@ -564,6 +566,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         config.topic_defaults.batch_bytes_max,
     )?;
     let bridge = crate::mqtt::bridge::prepare(&config)?;
+    let mirror = crate::mirror::prepare(&config)?;
     let native = bind_listener(config.listeners.native, "native", "listeners.native")?;
     native.set_nonblocking(true)?;
     let kafka = bind_listener(config.listeners.kafka, "Kafka", "listeners.kafka")?;
@@ -599,6 +602,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         groups,
         kafka: kafka_state,
         mqtt: mqtt_state,
+        mirror: crate::mirror::MirrorState::default(),
         usage: DiskUsage::default(),
         inboxes: senders,
         connections: AtomicU32::new(0),
@@ -650,6 +654,14 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let mirror = match crate::mirror::spawn(shared.clone(), mirror) {
+        Ok(thread) => thread,
+        Err(error) => {
+            shared.begin_shutdown();
+            failure.get_or_insert(error);
+            None
+        }
+    };
     for thread in threads {
         match thread.join() {
             Ok(Ok(())) => {}
@@ -667,6 +679,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         && bridge.join().is_err()
     {
         failure.get_or_insert(anyhow::anyhow!("the MQTT bridge thread panicked"));
+    }
+    if let Some(mirror) = mirror
+        && mirror.join().is_err()
+    {
+        failure.get_or_insert(anyhow::anyhow!("the replicator thread panicked"));
     }
     match failure {
         Some(error) => Err(error),

@@ -34,7 +34,11 @@ const REPLAY_READ_BYTES: u64 = 1 << 20;
 
 /// Writes `name` in `directory` so that a crash leaves the old file or the
 /// new one, never a mix: temporary file, sync, rename, sync the directory.
-fn write_atomically(directory: &std::path::Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomically(
+    directory: &std::path::Path,
+    name: &str,
+    bytes: &[u8],
+) -> io::Result<()> {
     use std::io::Write;
     let temporary = directory.join(format!("{name}.tmp"));
     let mut file = std::fs::File::create(&temporary)?;
@@ -851,6 +855,7 @@ impl Storage {
                 tracing::error!(topic = %key.0, partition = key.1, %error, "rolling an aged segment failed");
             }
         }
+        self.protect_unmirrored(&keys);
         let storage = &self.shared.config.storage;
         if self.last_retention.elapsed()
             >= Duration::from_millis(storage.retention_check_interval_ms)
@@ -894,6 +899,22 @@ impl Storage {
                 .record_eviction(&topic, partition, report.records_deleted);
         }
         self.shared.publish_stats(self.index, self.stats());
+    }
+
+    /// Tells the logs what the replicator has not mirrored yet, so that
+    /// retention and disk-quota eviction keep it up to the budget.
+    fn protect_unmirrored(&mut self, keys: &[PartitionKey]) {
+        let budget = self.shared.config.mirror.unmirrored_bytes_max;
+        for key in keys {
+            let protection = (budget > 0)
+                .then(|| self.shared.mirror.frontier(&key.0, key.1))
+                .flatten()
+                .map(|frontier| rill_core::log::Protection {
+                    from_offset: i64::try_from(frontier).unwrap_or(i64::MAX),
+                    bytes_max: budget,
+                });
+            self.logs.set_protection(&key.0, key.1, protection);
+        }
     }
 
     fn stats(&self) -> Vec<PartitionStats> {

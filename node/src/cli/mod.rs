@@ -1,4 +1,4 @@
-//! The client-side `rill` commands (topics, produce, consume, groups, status),
+//! The client-side `rill` commands (topics, produce, consume, groups, status, mirror status),
 //! as plain async functions over a connected [`Client`](crate::client::Client).
 //! `main.rs` parses the arguments, connects, and calls one of them; each
 //! prints its result to stdout and its progress to stderr.
@@ -9,6 +9,7 @@
 mod consume;
 mod format;
 mod group;
+mod mirror;
 mod mqtt;
 mod produce;
 mod status;
@@ -23,6 +24,7 @@ pub use group::{
     GroupOffset, ResetTo, format_group_list, format_group_offsets, format_reset, group_describe,
     group_list, group_reset_offsets,
 };
+pub use mirror::{fetch_mirror_status, format_mirror_status};
 pub use mqtt::{PASSWD_ROUNDS_DEFAULT, passwd_line, read_password};
 pub use produce::{
     ProduceOptions, ProduceReport, format_produce_progress, format_produce_summary, produce,

@@ -23,6 +23,7 @@ pub(crate) const SECTIONS: &[&str] = &[
     "kafka",
     "mqtt",
     "mqtt.bridge",
+    "mirror",
 ];
 
 /// `RILL_` variables that are not configuration keys but belong to Rill
@@ -57,6 +58,8 @@ pub(crate) enum Kind {
     Rules,
     /// An array of MQTT topic filters.
     Filters,
+    /// An array of mirror destination tables.
+    Destinations,
 }
 
 impl Kind {
@@ -85,6 +88,9 @@ impl Kind {
                 "an array of tables with filter, topic and key ({})",
                 super::MqttKeySetting::EXPECTED
             ),
+            Self::Destinations => {
+                "an array of tables with name, bootstrap_servers and the destination's settings (docs/mirror.md)".into()
+            }
             Self::Filters => {
                 "an array of MQTT topic filters as strings, such as [\"sensors/#\"]".into()
             }
@@ -618,6 +624,42 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         Kind::Milliseconds,
         "ms",
         "Longest wait between reconnects: failures in a row double the wait up to it, with jitter; a connection that lived this long resets it.",
+    ),
+    key(
+        "mirror.edge_id",
+        Kind::Text,
+        "text",
+        "This box's name in mirrored topic names (`EDGE_ID.TOPIC`) and provenance headers: 1 to 64 letters, digits, '.', '_' or '-'. Empty: the host name.",
+    ),
+    key(
+        "mirror.unmirrored_bytes_max",
+        Kind::Bytes,
+        "bytes",
+        "Per partition, unmirrored bytes that retention and the disk quota keep; beyond it eviction takes unmirrored records and counts them. 0 = no protection.",
+    ),
+    key(
+        "mirror.checkpoint_interval_ms",
+        Kind::Milliseconds,
+        "ms",
+        "How often each destination's progress is written to DATA_DIR/mirror/NAME.checkpoint (at least 100).",
+    ),
+    key(
+        "mirror.reconcile_delay_ms",
+        Kind::Milliseconds,
+        "ms",
+        "Wait after a start before reading the destinations' tails: the destination's `replica.lag.time.max.ms` (0 for a single-broker destination).",
+    ),
+    key(
+        "mirror.topic_refresh_ms",
+        Kind::Milliseconds,
+        "ms",
+        "How often new topics and partitions are looked for (at least 100).",
+    ),
+    key(
+        "mirror.destinations",
+        Kind::Destinations,
+        "[[mirror.destinations]]",
+        "Kafka-protocol clusters to mirror to; each table has `name`, `bootstrap_servers` and the settings in docs/mirror.md. None: the replicator is off.",
     ),
 ];
 

@@ -9,6 +9,7 @@ mod detect;
 mod error;
 mod keys;
 mod layers;
+mod mirror;
 mod mqtt;
 pub mod profile;
 mod topic;
@@ -32,6 +33,9 @@ pub use bridge::{BridgeProtocolSetting, MqttBridgeSection};
 pub use detect::{Detection, DiskFact, DiskKind, MachineFacts, detect};
 pub use error::{ConfigError, Origin};
 pub use keys::{KeyDoc, NON_CONFIG_VARIABLES, documented_keys, environment_variable};
+pub use mirror::{
+    MirrorDestination, MirrorDestinationSetting, MirrorPrioritySetting, MirrorSection, MirrorTls,
+};
 pub use mqtt::{MqttKeySetting, MqttRuleSetting, MqttSection, UnmatchedSetting};
 pub use profile::{Profile, builtin_profiles};
 pub use topic::{DiskFullPolicySetting, FsyncSetting, TimestampTypeSetting, TopicSettings};
@@ -56,6 +60,7 @@ pub struct Config {
     pub tls: TlsSection,
     pub kafka: KafkaSection,
     pub mqtt: MqttSection,
+    pub mirror: MirrorSection,
 }
 
 impl Default for Config {
@@ -72,6 +77,7 @@ impl Default for Config {
             tls: TlsSection::default(),
             kafka: KafkaSection::default(),
             mqtt: MqttSection::default(),
+            mirror: MirrorSection::default(),
         }
     }
 }

@@ -226,6 +226,7 @@ pub(crate) fn validate(
         );
     }
     super::mqtt::validate(config, &fail)?;
+    super::mirror::validate(config, &fail)?;
     if topic.batch_bytes_max > frame_bytes_max {
         return fail(
             "topic_defaults.batch_bytes_max",

@@ -349,6 +349,8 @@ struct Harness {
     events: Vec<Action>,
     /// When set, requests reach the broker but its answers are lost.
     drop_answers: bool,
+    /// Answers let through before `drop_answers` applies to the rest.
+    answers_before_drop: usize,
 }
 
 fn config() -> ClientConfig {
@@ -381,6 +383,7 @@ impl Harness {
             inbound: VecDeque::new(),
             events: Vec::new(),
             drop_answers: false,
+            answers_before_drop: 0,
         };
         harness.client.set_topics(["edge.gps".to_owned()], 0);
         harness
@@ -405,7 +408,9 @@ impl Harness {
                             "send on an open connection"
                         );
                         let answer = self.broker.answer(bytes);
-                        if !self.drop_answers {
+                        let let_through = self.answers_before_drop > 0;
+                        self.answers_before_drop = self.answers_before_drop.saturating_sub(1);
+                        if !self.drop_answers || let_through {
                             self.inbound.push_back((connection, answer));
                         }
                     }
@@ -818,4 +823,25 @@ fn a_hostile_answer_closes_the_connection() {
         closed |= action == Action::Close { connection };
     }
     assert!(closed);
+}
+
+#[test]
+fn metadata_lost_with_its_connection_is_asked_again_at_once() {
+    let mut harness = Harness::new(config(), FakeBroker::new());
+    // ApiVersions is answered; Metadata and InitProducerId are lost.
+    harness.drop_answers = true;
+    harness.answers_before_drop = 1;
+    harness.settle();
+    assert!(harness.take_events().is_empty());
+    harness.drop_answers = false;
+    harness.cut_all();
+    // Well within the metadata refresh interval (300 s).
+    harness.advance(1_000);
+    let events = harness.take_events();
+    assert!(
+        events
+            .iter()
+            .any(|event| matches!(event, Action::TopicReady { .. })),
+        "{events:?}"
+    );
 }
