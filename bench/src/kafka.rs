@@ -450,7 +450,7 @@ fn batch_records() -> Vec<(Vec<u8>, Vec<u8>)> {
 /// Produces `records` records (the native batches' records, in order) to
 /// partition 0 of `topic` and waits for every delivery report; `bytes` is
 /// what the same records weigh as native batches.
-fn kafka_produce(
+pub(crate) fn kafka_produce(
     broker: &BrokerProcess,
     topic: &str,
     records: u64,

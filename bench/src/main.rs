@@ -11,6 +11,8 @@ mod ingest;
 mod kafka;
 mod limits;
 mod machine;
+#[cfg(feature = "kafka")]
+mod mirror;
 mod mqtt;
 mod native;
 mod peers;
@@ -49,6 +51,11 @@ enum Scenario {
     /// ratio to native, produce latency at 20 MB/s with acks=all. Needs the
     /// `kafka` feature.
     Kafka,
+    /// The replicator: an edge drains a backlog to a central Kafka-protocol
+    /// broker (a second rill) on loopback, next to librdkafka producing to
+    /// that broker in the same run; the time a backlog takes; the edge's
+    /// memory while draining. Needs the `kafka` feature.
+    Mirror,
     /// MQTT QoS 1 ingest of 100-byte messages from many clients, every
     /// message appended to the log, next to Mosquitto under the same load
     /// generator: messages per second, PUBACK latency at a fixed rate, CPU
@@ -131,8 +138,12 @@ fn libc_enospc() -> i32 {
 }
 
 fn run(arguments: &Arguments) -> anyhow::Result<()> {
-    if arguments.scenario == Scenario::Kafka && !cfg!(feature = "kafka") {
-        anyhow::bail!("kafka scenario unavailable: {KAFKA_UNAVAILABLE}");
+    if matches!(arguments.scenario, Scenario::Kafka | Scenario::Mirror) && !cfg!(feature = "kafka")
+    {
+        anyhow::bail!(
+            "{} scenario unavailable: {KAFKA_UNAVAILABLE}",
+            format!("{:?}", arguments.scenario).to_lowercase()
+        );
     }
     std::fs::create_dir_all(&arguments.data_dir).with_context(|| {
         format!(
@@ -157,12 +168,14 @@ fn run(arguments: &Arguments) -> anyhow::Result<()> {
         Scenario::Storage => storage_scenario(&data_dir, arguments.smoke)?,
         Scenario::Native => native_scenario(&data_dir, arguments.smoke)?,
         Scenario::Kafka => kafka_scenario(&data_dir, arguments.smoke)?,
+        Scenario::Mirror => mirror_scenario(&data_dir, arguments.smoke)?,
         Scenario::Mqtt => ingest::scenario(&data_dir, arguments.smoke)?,
         Scenario::Suite => {
             let mut rows = storage_scenario(&data_dir, arguments.smoke)?;
             rows.extend(native_scenario(&data_dir, arguments.smoke)?);
             if cfg!(feature = "kafka") {
                 rows.extend(kafka_scenario(&data_dir, arguments.smoke)?);
+                rows.extend(mirror_scenario(&data_dir, arguments.smoke)?);
             } else {
                 eprintln!("Kafka wire protocol scenario unavailable: {KAFKA_UNAVAILABLE}");
                 rows.push(
@@ -766,6 +779,92 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
         )
         .against("memory budget", (TINY_MEMORY_BUDGET_BYTES / mib(1)) as f64)
         .target("<= 100%"),
+    );
+    Ok(rows)
+}
+
+#[cfg(not(feature = "kafka"))]
+fn mirror_scenario(_data_dir: &std::path::Path, _smoke: bool) -> anyhow::Result<Vec<Row>> {
+    anyhow::bail!("mirror scenario unavailable: {KAFKA_UNAVAILABLE}")
+}
+
+#[cfg(feature = "kafka")]
+fn mirror_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Vec<Row>> {
+    let plan = if smoke {
+        mirror::Plan {
+            backlog_bytes: mib(64),
+            kafka_bytes: mib(64),
+            partitions: 1,
+            drain_deadline: Duration::from_secs(120),
+        }
+    } else {
+        mirror::Plan {
+            backlog_bytes: mib(10 * 1024),
+            kafka_bytes: mib(1024),
+            partitions: 1,
+            drain_deadline: Duration::from_secs(1200),
+        }
+    };
+    let run = storage::RunDirectory::new(data_dir, "mirror")?;
+    let figures = mirror::run(run.path(), &plan)?;
+    drop(run);
+    let backlog = format!(
+        "{:.1} GiB backlog ({} records of 1 KiB in 64 KiB batches, {} partition(s))",
+        figures.backlog_bytes as f64 / (1u64 << 30) as f64,
+        figures.records,
+        plan.partitions
+    );
+    let kafka_gib = gib_per_second(figures.kafka.bytes_per_second);
+    let mut rows = vec![
+        Row::new(
+            "Kafka produce (librdkafka) to the central broker, 1 KiB records, 1 partition, acks=1",
+            "librdkafka",
+            kafka_gib,
+            "GiB/s",
+        )
+        .note(format!(
+            "{} MiB; central: rill, 2 shards, fsync interval-ms; CPU per GiB: central {:.2} s, client {:.2} s",
+            plan.kafka_bytes >> 20,
+            figures.kafka.broker_cpu_seconds_per_gib,
+            figures.kafka.client_cpu_seconds_per_gib
+        )),
+        Row::new(
+            "mirror: an edge drains its backlog to the central broker (Kafka protocol, unconstrained loopback)",
+            "broker",
+            gib_per_second(figures.drain_bytes_per_second()),
+            "GiB/s",
+        )
+        .against("Kafka produce", kafka_gib)
+        .target(">= 80%")
+        .note(format!(
+            "{backlog}; from the edge's start with the destination configured to the last record at the central broker (idempotent producer, acks=all, provenance header on every record, checked exactly once); CPU per GiB: edge {:.2} s, central {:.2} s",
+            figures.edge_cpu_seconds_per_gib, figures.central_cpu_seconds_per_gib
+        )),
+        Row::new(
+            &format!(
+                "mirror: time to drain a {:.1} GiB backlog",
+                figures.backlog_bytes as f64 / (1u64 << 30) as f64
+            ),
+            "broker",
+            figures.drain_seconds,
+            "s",
+        )
+        .note(backlog.clone()),
+    ];
+    let budget_mib = figures.edge_budget_bytes as f64 / (1u64 << 20) as f64;
+    rows.push(
+        Row::new(
+            "mirror: edge peak resident memory while draining",
+            "broker",
+            figures.edge_peak_resident_kib as f64 / 1024.0,
+            "MiB",
+        )
+        .against(
+            &format!("profile {} memory budget", mirror::EDGE_PROFILE),
+            budget_mib,
+        )
+        .target("<= 100%")
+        .note(backlog),
     );
     Ok(rows)
 }
