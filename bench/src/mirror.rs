@@ -82,23 +82,18 @@ fn profile_budget_bytes(profile: &str) -> anyhow::Result<u64> {
 }
 
 /// Records in `topic`'s partitions on `broker` (their end offsets summed).
-async fn records_in(
-    client: &rill_node::client::Client,
-    topic: &str,
-    partitions: u32,
-) -> anyhow::Result<u64> {
+async fn records_in(client: &rill_node::client::Client, topic: &str, partitions: u32) -> u64 {
     let mut total = 0u64;
     for partition in 0..partitions {
-        match client
+        // A partition the mirror has not created yet holds nothing.
+        if let Ok(Some(end)) = client
             .list_offsets(topic, partition, OffsetSpec::Latest)
             .await
         {
-            Ok(Some(end)) => total += u64::try_from(end).unwrap_or(0),
-            // Not created yet by the mirror: nothing there.
-            Ok(None) | Err(_) => {}
+            total += u64::try_from(end).unwrap_or(0);
         }
     }
-    Ok(total)
+    total
 }
 
 pub fn run(data_dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
@@ -191,7 +186,7 @@ pub fn run(data_dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
             &central_client,
             &mirrored_topic,
             plan.partitions,
-        ))?;
+        ));
         if arrived >= records {
             anyhow::ensure!(
                 arrived == records,
