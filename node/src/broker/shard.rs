@@ -182,6 +182,8 @@ struct PartitionState {
     bytes_out: u64,
     /// Idempotent producers' sequence state (Kafka's producer state).
     producers: ProducerStates,
+    /// The offset the last producer snapshot written covers up to.
+    snapshot_offset: Option<i64>,
 }
 
 /// The storage task's state: the logs and who waits on them.
@@ -330,18 +332,26 @@ impl Storage {
     /// Writes the producer snapshot of a partition, covering the batches
     /// below its durable offset (later ones are replayed from the log, so a
     /// crash that loses unsynced batches cannot leave phantom duplicates).
-    fn write_producer_snapshot(&self, key: &PartitionKey) {
-        let (Some(log), Some(state)) = (self.logs.log(&key.0, key.1), self.partitions.get(key))
+    ///
+    /// Written when the durable offset moved since the last one, empty or
+    /// not: without a snapshot, opening the partition replays its whole log
+    /// (ten seconds of reading and checking for a 10 GiB backlog).
+    fn write_producer_snapshot(&mut self, key: &PartitionKey) {
+        let (Some(log), Some(state)) = (self.logs.log(&key.0, key.1), self.partitions.get_mut(key))
         else {
             return;
         };
-        if state.producers.is_empty() {
+        let durable = log.durable_next_offset();
+        if state.snapshot_offset == Some(durable) {
             return;
         }
-        let bytes = state.producers.encode_snapshot(log.durable_next_offset());
+        let bytes = state.producers.encode_snapshot(durable);
         let directory = log.directory();
-        if let Err(error) = write_atomically(directory, PRODUCER_SNAPSHOT, &bytes) {
-            tracing::warn!(topic = %key.0, partition = key.1, %error, "producer snapshot write failed");
+        match write_atomically(directory, PRODUCER_SNAPSHOT, &bytes) {
+            Ok(()) => state.snapshot_offset = Some(durable),
+            Err(error) => {
+                tracing::warn!(topic = %key.0, partition = key.1, %error, "producer snapshot write failed");
+            }
         }
     }
 
