@@ -377,3 +377,56 @@ pub(crate) fn spawn(
         .context("starting the replicator thread")?;
     Ok(Some(thread))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frontiers_are_the_lowest_over_destinations_and_figures_render() {
+        let state = MirrorState::default();
+        assert!(!state.is_enabled());
+        let mut page = String::new();
+        state.render_metrics(&mut page);
+        assert!(page.is_empty(), "nothing while the replicator is off");
+        let first = state.register("central", vec!["10.0.0.1:9092".into()]);
+        let second = state.register("backup", vec!["10.0.0.2:9092".into()]);
+        state.publish_frontier(first, "gps", 0, 120);
+        state.publish_frontier(second, "gps", 0, 80);
+        state.publish_frontier(first, "gps", 0, 130);
+        assert_eq!(state.frontier("gps", 0), Some(80));
+        assert_eq!(state.frontier("gps", 1), None);
+        state.update(first, |status| {
+            status.state = "mirroring".into();
+            status.records_sent = 42;
+            status.partitions = vec![PartitionLag {
+                topic: "gps".into(),
+                partition: 0,
+                destination_topic: "edge.gps".into(),
+                frontier: 130,
+                end: 150,
+                lag_records: 20,
+                ..PartitionLag::default()
+            }];
+        });
+        state.record_evicted_unmirrored("backup", "gps", 0, 7);
+        let mut page = String::new();
+        state.render_metrics(&mut page);
+        for line in [
+            "rill_mirror_connected{destination=\"central\",state=\"mirroring\"} 1",
+            "rill_mirror_connected{destination=\"backup\",state=\"starting\"} 0",
+            "rill_mirror_records_sent_total{destination=\"central\"} 42",
+            "rill_mirror_lag_records{destination=\"central\",topic=\"gps\",partition=\"0\"} 20",
+            "rill_mirror_evicted_unmirrored_records_total{destination=\"backup\",topic=\"gps\",partition=\"0\"} 7",
+            "rill_mirror_evicted_unmirrored_records_total{destination=\"central\"} 0",
+        ] {
+            assert!(page.contains(line), "missing {line} in\n{page}");
+        }
+        let table = crate::cli::format_mirror_status(&state.render_json()).expect("formats");
+        assert!(table.contains("destination central"), "{table}");
+        assert!(
+            table.contains("records deleted before they were mirrored: 7"),
+            "{table}"
+        );
+    }
+}
