@@ -429,4 +429,34 @@ mod tests {
             "{table}"
         );
     }
+
+    #[test]
+    fn the_sasl_password_is_read_from_its_file_before_the_start() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let password_file = directory.path().join("password");
+        std::fs::write(&password_file, "s3cret\n").expect("write");
+        let mut config = Config::default();
+        config
+            .mirror
+            .destinations
+            .push(crate::config::MirrorDestinationSetting {
+                name: "central".into(),
+                bootstrap_servers: vec!["127.0.0.1:9092".into()],
+                sasl_mechanism: "scram-sha-512".into(),
+                sasl_username: "edge".into(),
+                sasl_password_file: password_file.display().to_string(),
+                ..crate::config::MirrorDestinationSetting::default()
+            });
+        let destinations = prepare(&config).expect("prepared");
+        let sasl = destinations[0].client.sasl.as_ref().expect("sasl");
+        assert_eq!(sasl.password, "s3cret");
+        assert_eq!(sasl.username, "edge");
+        config.mirror.destinations[0].sasl_password_file =
+            directory.path().join("missing").display().to_string();
+        let error = prepare(&config).expect_err("a missing password file stops the start");
+        assert!(
+            format!("{error:#}").contains("sasl_password_file"),
+            "{error:#}"
+        );
+    }
 }
