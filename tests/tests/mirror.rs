@@ -928,3 +928,96 @@ fn several_destinations_each_keep_their_own_progress() {
         }
     });
 }
+
+#[test]
+fn the_disk_quota_evicts_unmirrored_records_only_past_the_budget() {
+    let quota_settings = |budget: u64, bootstrap: &str| {
+        let mut settings = edge_settings(
+            bootstrap,
+            ", create_partitions=1, include=[\"kept\"], backoff_ms_max=300",
+        );
+        settings.extend([
+            "node.shards=1".to_string(),
+            format!("mirror.unmirrored_bytes_max={budget}"),
+            "storage.disk_quota_bytes=1048576".into(),
+            "topic_defaults.disk_full_policy=evict-oldest".into(),
+            "topic_defaults.segment_bytes_max=16384".into(),
+        ]);
+        settings
+    };
+    let runtime = runtime();
+    // A budget above the quota: unmirrored records are never evicted, so
+    // appends are refused once the quota is full.
+    let nowhere = Ports::free();
+    let edge = start_edge(&quota_settings(8 << 20, &nowhere.kafka.to_string()));
+    let client = runtime.block_on(connect(&edge.address()));
+    runtime.block_on(async {
+        client.create_topic("kept", 1, &[]).await.expect("create");
+    });
+    wait_for_edge(&edge, "the replicator to track kept/0", || {
+        http_get(edge.admin, "/mirror")
+            .map(|(_, body)| body.contains("\"topic\":\"kept\""))
+            .unwrap_or(false)
+    });
+    let mut next = 0u64;
+    let refused = runtime.block_on(async {
+        while next < 200_000 {
+            match client
+                .produce(
+                    "kept",
+                    Target::Partition(0),
+                    Acks::Durable,
+                    &batch_of(0, next, 100),
+                )
+                .await
+            {
+                Ok(Some(_)) => next += 100,
+                Ok(None) => panic!("durable produce answers"),
+                Err(error) => return Some(error.to_string()),
+            }
+        }
+        None
+    });
+    let refused = refused.expect("the quota refuses appends instead of evicting");
+    println!("refused at {next} records: {refused}");
+    assert_eq!(runtime.block_on(earliest(&client, "kept")), 0);
+    drop(client);
+    drop(edge);
+
+    // A budget below the quota: the oldest unmirrored records make room,
+    // and the mirror counts what it lost.
+    let ports = Ports::free();
+    let edge = start_edge(&quota_settings(256 * 1024, &ports.kafka.to_string()));
+    let client = runtime.block_on(connect(&edge.address()));
+    runtime.block_on(async {
+        client.create_topic("kept", 1, &[]).await.expect("create");
+    });
+    wait_for_edge(&edge, "the replicator to track kept/0", || {
+        http_get(edge.admin, "/mirror")
+            .map(|(_, body)| body.contains("\"topic\":\"kept\""))
+            .unwrap_or(false)
+    });
+    let total = 60_000;
+    runtime.block_on(produce_batches(&client, "kept", 1, 0, total, 100));
+    let start = runtime.block_on(earliest(&client, "kept"));
+    assert!(start > 0, "the quota evicted the oldest records");
+    let destination = Broker::start_on(ports, &[]);
+    let lost_metric = || {
+        metric(
+            &edge,
+            "rill_mirror_evicted_unmirrored_records_total",
+            "destination=\"central\",topic=\"kept\",partition=\"0\"",
+        )
+    };
+    wait_for_edge(&edge, "the lost records to be counted", || {
+        lost_metric().is_some_and(|lost| lost > 0)
+    });
+    let lost = lost_metric().unwrap_or(0);
+    println!("unmirrored records evicted by the quota: {lost} of {total}");
+    assert!(lost >= start);
+    wait_for_counts(&destination, "edge-1.kept", 1, total - lost);
+    runtime.block_on(async {
+        let destination_client = connect(&destination.address()).await;
+        check_mirrored_from(&destination_client, "edge-1.kept", "kept", 0, lost, total).await;
+    });
+}

@@ -23,7 +23,8 @@ pub enum AppendError {
     BatchTooLarge { bytes: u64, limit: u64 },
     #[error(
         "disk quota reached: {used_bytes} of {quota_bytes} bytes used; this topic's \
-         disk-full policy is `reject`, reads keep working"
+         disk-full policy is `reject`, or nothing may be evicted (what is left is \
+         protected, such as records not yet mirrored); reads keep working"
     )]
     QuotaExceeded { used_bytes: u64, quota_bytes: u64 },
     #[error(

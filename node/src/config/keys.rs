@@ -647,7 +647,7 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         "mirror.reconcile_delay_ms",
         Kind::Milliseconds,
         "ms",
-        "Wait after a start before reading the destinations' tails: the destination's `replica.lag.time.max.ms` (0 for a single-broker destination).",
+        "Wait after a start before reading the destinations' tails: the destination's `replica.lag.time.max.ms` (for a Rill destination, its sync interval; docs/mirror.md).",
     ),
     key(
         "mirror.topic_refresh_ms",

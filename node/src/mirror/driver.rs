@@ -847,9 +847,13 @@ impl Driver {
         self.held_bytes = 0;
         self.progress.discard_unacknowledged();
         self.producer_ready = false;
+        // A batch of the old session whose connection was lost may sit
+        // unreplicated at a leader, invisible to a scan: wait as after a
+        // restart before reading the tails.
+        let not_before_ms = now_ms() + self.shared.config.mirror.reconcile_delay_ms;
         for state in self.destinations.values_mut() {
             for reconcile in &mut state.reconcile {
-                *reconcile = Reconcile::Pending { not_before_ms: 0 };
+                *reconcile = Reconcile::Pending { not_before_ms };
             }
         }
         for source in &mut self.sources {

@@ -377,3 +377,86 @@ pub(crate) fn spawn(
         .context("starting the replicator thread")?;
     Ok(Some(thread))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frontiers_are_the_lowest_over_destinations_and_figures_render() {
+        let state = MirrorState::default();
+        assert!(!state.is_enabled());
+        let mut page = String::new();
+        state.render_metrics(&mut page);
+        assert!(page.is_empty(), "nothing while the replicator is off");
+        let first = state.register("central", vec!["10.0.0.1:9092".into()]);
+        let second = state.register("backup", vec!["10.0.0.2:9092".into()]);
+        state.publish_frontier(first, "gps", 0, 120);
+        state.publish_frontier(second, "gps", 0, 80);
+        state.publish_frontier(first, "gps", 0, 130);
+        assert_eq!(state.frontier("gps", 0), Some(80));
+        assert_eq!(state.frontier("gps", 1), None);
+        state.update(first, |status| {
+            status.state = "mirroring".into();
+            status.records_sent = 42;
+            status.partitions = vec![PartitionLag {
+                topic: "gps".into(),
+                partition: 0,
+                destination_topic: "edge.gps".into(),
+                frontier: 130,
+                end: 150,
+                lag_records: 20,
+                ..PartitionLag::default()
+            }];
+        });
+        state.record_evicted_unmirrored("backup", "gps", 0, 7);
+        let mut page = String::new();
+        state.render_metrics(&mut page);
+        for line in [
+            "rill_mirror_connected{destination=\"central\",state=\"mirroring\"} 1",
+            "rill_mirror_connected{destination=\"backup\",state=\"starting\"} 0",
+            "rill_mirror_records_sent_total{destination=\"central\"} 42",
+            "rill_mirror_lag_records{destination=\"central\",topic=\"gps\",partition=\"0\"} 20",
+            "rill_mirror_evicted_unmirrored_records_total{destination=\"backup\",topic=\"gps\",partition=\"0\"} 7",
+            "rill_mirror_evicted_unmirrored_records_total{destination=\"central\"} 0",
+        ] {
+            assert!(page.contains(line), "missing {line} in\n{page}");
+        }
+        let table = crate::cli::format_mirror_status(&state.render_json()).expect("formats");
+        assert!(table.contains("destination central"), "{table}");
+        assert!(
+            table.contains("records deleted before they were mirrored: 7"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn the_sasl_password_is_read_from_its_file_before_the_start() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let password_file = directory.path().join("password");
+        std::fs::write(&password_file, "s3cret\n").expect("write");
+        let mut config = Config::default();
+        config
+            .mirror
+            .destinations
+            .push(crate::config::MirrorDestinationSetting {
+                name: "central".into(),
+                bootstrap_servers: vec!["127.0.0.1:9092".into()],
+                sasl_mechanism: "scram-sha-512".into(),
+                sasl_username: "edge".into(),
+                sasl_password_file: password_file.display().to_string(),
+                ..crate::config::MirrorDestinationSetting::default()
+            });
+        let destinations = prepare(&config).expect("prepared");
+        let sasl = destinations[0].client.sasl.as_ref().expect("sasl");
+        assert_eq!(sasl.password, "s3cret");
+        assert_eq!(sasl.username, "edge");
+        config.mirror.destinations[0].sasl_password_file =
+            directory.path().join("missing").display().to_string();
+        let error = prepare(&config).expect_err("a missing password file stops the start");
+        assert!(
+            format!("{error:#}").contains("sasl_password_file"),
+            "{error:#}"
+        );
+    }
+}
