@@ -35,7 +35,7 @@ pub enum SaslServerError {
     UnsupportedMechanism(String),
     #[error("malformed SASL message: {0}")]
     Malformed(&'static str),
-    #[error("authentication failed: bad user name or password")]
+    #[error("bad user name or password")]
     BadCredentials,
     #[error("SASL message out of turn: the exchange is over")]
     OutOfTurn,

@@ -1021,3 +1021,82 @@ fn the_disk_quota_evicts_unmirrored_records_only_past_the_budget() {
         check_mirrored_from(&destination_client, "edge-1.kept", "kept", 0, lost, total).await;
     });
 }
+
+/// A destination whose Kafka listener wants SASL: the edge logs in with
+/// SCRAM-SHA-256 (and PLAIN), and a wrong password mirrors nothing and
+/// says why in the status.
+#[test]
+fn mirroring_to_a_destination_that_wants_sasl() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let users = directory.path().join("users");
+    let line = rill_edge_bridge::mqtt::auth::hash_password(b"uplink-secret", b"edge-salt-1", 4096);
+    std::fs::write(&users, format!("edge-1:{line}\n")).expect("users file");
+    let right = directory.path().join("right.password");
+    std::fs::write(&right, "uplink-secret\n").expect("password file");
+    let wrong = directory.path().join("wrong.password");
+    std::fs::write(&wrong, "guess\n").expect("password file");
+    let destination = Broker::start(&[&format!("kafka.sasl_users_file={}", users.display())]);
+    let runtime = runtime();
+    let count = 2_000;
+    let destination_client = runtime.block_on(connect(&destination.address()));
+
+    for mechanism in ["scram-sha-256", "plain"] {
+        let topic = format!("sasl-{mechanism}");
+        let settings = edge_settings(
+            &destination.kafka_address(),
+            &format!(
+                ", include=[\"{topic}\"], sasl_mechanism=\"{mechanism}\", sasl_username=\"edge-1\", sasl_password_file=\"{}\"",
+                right.display()
+            ),
+        );
+        let edge = start_edge(&settings);
+        runtime.block_on(async {
+            let client = connect(&edge.address()).await;
+            client.create_topic(&topic, 1, &[]).await.expect("create");
+            produce(&client, &topic, 1, 0, count).await;
+        });
+        let mirrored = format!("edge-1.{topic}");
+        wait_until("every record to arrive through SASL", DEADLINE, || {
+            runtime
+                .block_on(destination_counts(&destination_client, &mirrored, 1))
+                .iter()
+                .all(|&records| records >= count)
+        });
+        runtime.block_on(check_mirrored(
+            &destination_client,
+            &mirrored,
+            &topic,
+            0,
+            count,
+        ));
+    }
+
+    let settings = edge_settings(
+        &destination.kafka_address(),
+        &format!(
+            ", include=[\"refused\"], sasl_mechanism=\"scram-sha-256\", sasl_username=\"edge-1\", sasl_password_file=\"{}\"",
+            wrong.display()
+        ),
+    );
+    let edge = start_edge(&settings);
+    runtime.block_on(async {
+        let client = connect(&edge.address()).await;
+        client
+            .create_topic("refused", 1, &[])
+            .await
+            .expect("create");
+        produce(&client, "refused", 1, 0, 10).await;
+    });
+    wait_for_edge(&edge, "the refusal to show in the status", || {
+        http_get(edge.admin, "/mirror")
+            .map(|(_, body)| body.contains("bad user name or password"))
+            .unwrap_or(false)
+    });
+    let (_, body) = http_get(edge.admin, "/mirror").expect("status");
+    assert!(!body.contains("\"state\":\"mirroring\""), "{body}");
+    assert_eq!(
+        runtime.block_on(destination_counts(&destination_client, "edge-1.refused", 1)),
+        vec![0],
+        "nothing crosses without the right password"
+    );
+}

@@ -14,7 +14,7 @@ use kafka_protocol::messages::{
     SaslHandshakeResponse,
 };
 use kafka_protocol::protocol::StrBytes;
-use rill_edge_bridge::sasl::{SaslServer, SaslServerError, SaslStep};
+use rill_edge_bridge::sasl::{SaslServer, SaslStep};
 
 use crate::broker::Shared;
 
@@ -152,10 +152,8 @@ pub(crate) async fn authenticate(
             )
         }
         Err(error) => {
-            let message = match &error {
-                SaslServerError::BadCredentials => error.to_string(),
-                other => format!("authentication failed: {other}"),
-            };
+            // Clients put their own "authentication failed" before it.
+            let message = error.to_string();
             tracing::info!(%error, "Kafka client failed to authenticate");
             failed(SASL_AUTHENTICATION_FAILED, message)
         }
