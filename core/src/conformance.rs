@@ -166,6 +166,42 @@ pub async fn append_read_reopen<S: Storage>(storage: S, directory: &Path, config
     assert_eq!(info.base_offset, next);
 }
 
+/// Batches whose timestamps never grow (a burst within one millisecond, or
+/// a producer stamping old times) still seal segments a clean reopen trusts
+/// without reading them, and seeking by time still finds the first record.
+pub async fn flat_timestamps_reopen_without_rescan<S: Storage>(
+    storage: S,
+    directory: &Path,
+    config: LogConfig,
+) {
+    let mut log = open(&storage, directory, config).await;
+    for tag in 0..40u64 {
+        // Every record of every batch carries the same timestamp.
+        let batch = make_batch(1, 1500 + tag as usize * 13, 7_000, tag);
+        log.append(&batch, 5000).await.expect("append");
+    }
+    assert!(log.segment_count() > 3, "segments should have rolled");
+    let next = log.next_offset();
+    log.close().await.expect("close");
+    drop(log);
+    let (log, report) = PartitionLog::open(storage.clone(), directory, config)
+        .await
+        .expect("reopen");
+    assert_eq!(
+        report.bytes_checked, 0,
+        "sealed segments with flat timestamps were read again: {report:?}"
+    );
+    assert_eq!(log.next_offset(), next);
+    assert_eq!(
+        log.offset_for_timestamp(7_000).await.expect("by time"),
+        Some(0)
+    );
+    assert_eq!(
+        log.offset_for_timestamp(7_001).await.expect("by time"),
+        None
+    );
+}
+
 /// A batch that fails a check is refused and leaves the log as it was.
 pub async fn bad_batches_write_nothing<S: Storage>(
     storage: S,
@@ -530,6 +566,7 @@ pub fn all<S: Storage + 'static>() -> Vec<(&'static str, Check<S>)> {
     }
     checks![
         append_read_reopen,
+        flat_timestamps_reopen_without_rescan,
         bad_batches_write_nothing,
         torn_tail_is_cut,
         indexes_are_rebuilt,

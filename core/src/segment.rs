@@ -595,6 +595,24 @@ impl<F: StorageFile> Segment<F> {
         }
     }
 
+    /// The seal entry: a time entry naming the last batch, pushed even when
+    /// the largest timestamp did not grow (records produced within one
+    /// millisecond, or with old timestamps). A later open trusts a sealed
+    /// segment's indexes without reading its log only when they end with it.
+    fn push_seal_entry(&mut self, relative_offset: u32) {
+        if self.max_timestamp == i64::MIN {
+            return;
+        }
+        if self.time_index.last().is_none_or(|last| {
+            self.max_timestamp > last.timestamp || last.relative_offset < relative_offset
+        }) {
+            self.time_index.push(TimeEntry {
+                timestamp: self.max_timestamp,
+                relative_offset,
+            });
+        }
+    }
+
     /// Makes this segment the active one again after recovery: cuts the file at
     /// the last good batch and opens a writer.
     pub async fn reopen_for_append<S: Storage<File = F>>(
@@ -702,7 +720,7 @@ impl<F: StorageFile> Segment<F> {
             writer.file.sync_data().await.map_err(SealError::Sync)?;
         }
         self.writer = None;
-        self.push_time_entry(self.last_batch_relative_offset);
+        self.push_seal_entry(self.last_batch_relative_offset);
         self.flush_indexes(storage)
             .await
             .map_err(SealError::Indexes)?;
