@@ -461,11 +461,22 @@ type AnswerStream<'a> = std::pin::Pin<Box<dyn futures_util::Stream<Item = Answer
 /// Reads file ranges into one buffer through the shard's I/O driver (one
 /// large read per range).
 pub(crate) async fn read_ranges_async(ranges: Vec<SendRange>) -> std::io::Result<Vec<u8>> {
+    let total: u64 = ranges.iter().map(|range| range.length).sum();
+    let (result, bytes) = read_ranges_into(ranges, Vec::with_capacity(total as usize)).await;
+    result.map(|()| bytes)
+}
+
+/// [`read_ranges_async`] appending to `bytes`, which comes back either way
+/// (a reader that keeps one buffer reuses its pages).
+pub(crate) async fn read_ranges_into(
+    ranges: Vec<SendRange>,
+    mut bytes: Vec<u8>,
+) -> (std::io::Result<()>, Vec<u8>) {
     use compio::buf::{IntoInner, IoBuf};
     use compio::io::AsyncReadAt;
     use std::os::fd::{FromRawFd, IntoRawFd};
     let total: u64 = ranges.iter().map(|range| range.length).sum();
-    let mut bytes = Vec::with_capacity(total as usize);
+    bytes.reserve(total as usize);
     for range in ranges {
         // SAFETY: the descriptor is ours (a dup made by the owning shard).
         let file = unsafe { compio::fs::File::from_raw_fd(range.fd.into_raw_fd()) };
@@ -476,17 +487,21 @@ pub(crate) async fn read_ranges_async(ranges: Vec<SendRange>) -> std::io::Result
             let compio::BufResult(result, returned) =
                 file.read_at(bytes.slice(start..end), position).await;
             bytes = returned.into_inner();
-            let read = result?;
+            let read = match result {
+                Ok(read) => read,
+                Err(error) => return (Err(error), bytes),
+            };
             if read == 0 {
-                return Err(std::io::Error::new(
+                let error = std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     "segment shorter than its range",
-                ));
+                );
+                return (Err(error), bytes);
             }
             position += read as u64;
         }
     }
-    Ok(bytes)
+    (Ok(()), bytes)
 }
 
 async fn write_answers_tls(
