@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 # quick: mosquitto is the upstream broker the MQTT bridge's tests run
 # against; kcat is a Kafka client the Kafka listener's tests run; make, g++,
 # pkg-config and zlib1g-dev build librdkafka from source (rdkafka-sys runs
-# its configure and make; C and C++ compilers; zlib through pkg-config).
-debian_packages=(mosquitto kcat make g++ pkg-config zlib1g-dev)
+# its configure and make; C and C++ compilers; zlib through pkg-config);
+# golang-go and golang-github-shopify-sarama-dev build a Go Kafka client
+# (sarama, from Debian's sources: no Go module proxy needed).
+debian_packages=(mosquitto kcat make g++ pkg-config zlib1g-dev golang-go golang-github-shopify-sarama-dev)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -1774,3 +1774,57 @@ fn sasl_clients_authenticate_and_a_wrong_password_is_refused() {
     kafka_python_sasl(&broker, "PLAIN", "edge-secret", "ok");
     kafka_python_sasl(&broker, "SCRAM-SHA-256", "guess", "refused");
 }
+
+// ---------------------------------------------------------------------------
+// A Go client: sarama, built from Debian's sources
+
+/// Builds tests/clients/sarama (Go, GOPATH mode against the sources Debian's
+/// golang-github-shopify-sarama-dev installs) into `directory`.
+fn build_sarama_client(directory: &std::path::Path) -> std::path::PathBuf {
+    let gopath = "/usr/share/gocode";
+    assert!(
+        std::path::Path::new(gopath)
+            .join("src/github.com/Shopify/sarama")
+            .exists(),
+        "sarama's sources are missing; scripts/test.sh installs golang-go and golang-github-shopify-sarama-dev"
+    );
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/sarama/main.go");
+    let binary = directory.join("sarama-client");
+    let output = run_bounded(
+        Command::new("go")
+            .args(["build", "-o"])
+            .arg(&binary)
+            .arg(&source)
+            .env("GO111MODULE", "off")
+            .env("GOPATH", gopath)
+            .env("GOCACHE", directory.join("go-cache"))
+            .env("GOFLAGS", ""),
+        b"",
+    );
+    assert!(
+        output.status.success(),
+        "building the sarama client failed (is golang-go installed?):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    binary
+}
+
+#[test]
+fn a_go_client_sarama_produces_consumes_and_commits_in_a_group() {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let client = build_sarama_client(directory.path());
+    let broker = start_broker();
+    // sarama of Debian 12 asks no ApiVersions: it sends the versions of its
+    // configured Kafka version, OffsetCommit v1 among them.
+    let output = run_bounded(
+        Command::new(&client).args([&broker.kafka_address(), "go-topic"]),
+        b"",
+    );
+    assert!(
+        output.status.success(),
+        "the sarama client failed:\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("sarama ok"));
+}

@@ -39,12 +39,25 @@ pub const SERVED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::SaslAuthenticate, 0, 2),
 ];
 
-/// The version range served for `api`, if it is served at all.
+/// Versions older than the `kafka-protocol` codecs decode (Kafka 4.0
+/// dropped them), decoded by `codec::legacy`: OffsetCommit v0 and v1, which
+/// clients that never ask ApiVersions still send (sarama before 1.24, the
+/// one Debian 12 ships). Their answers are laid out as the lowest codec
+/// version's.
+pub const LEGACY: &[(ApiKey, i16, i16)] = &[(ApiKey::OffsetCommit, 0, 1)];
+
+/// The version range served for `api`, if it is served at all (legacy
+/// versions included).
 pub fn served(api: ApiKey) -> Option<(i16, i16)> {
-    SERVED
+    let (min, max) = SERVED
         .iter()
         .find(|(key, _, _)| *key == api)
-        .map(|&(_, min, max)| (min, max))
+        .map(|&(_, min, max)| (min, max))?;
+    let legacy_min = LEGACY
+        .iter()
+        .find(|(key, _, _)| *key == api)
+        .map_or(min, |&(_, legacy_min, _)| legacy_min);
+    Some((min.min(legacy_min), max))
 }
 
 /// Whether `version` of `api` is served.
@@ -60,7 +73,8 @@ pub fn api_versions(error_code: i16) -> ApiVersionsResponse {
         .with_api_keys(
             SERVED
                 .iter()
-                .map(|&(key, min, max)| {
+                .filter_map(|&(key, _, _)| served(key).map(|(min, max)| (key, min, max)))
+                .map(|(key, min, max)| {
                     ApiVersion::default()
                         .with_api_key(key as i16)
                         .with_min_version(min)

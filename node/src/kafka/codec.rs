@@ -122,6 +122,18 @@ pub fn decode_request_frame(body: &[u8]) -> Decoded {
         Ok(header) => header,
         Err(error) => return Decoded::Refused(format!("malformed request header: {error}")),
     };
+    if api_key == ApiKey::OffsetCommit && version < 2 {
+        return match legacy::offset_commit(&mut bytes, version) {
+            // Answered as v2, whose answer is laid out as v0's and v1's.
+            Ok(request) => Decoded::Request {
+                api_key,
+                version: 2,
+                header,
+                request: Box::new(RequestKind::OffsetCommit(request)),
+            },
+            Err(error) => Decoded::Refused(format!("malformed {api_key:?} v{version}: {error}")),
+        };
+    }
     match RequestKind::decode(api_key, &mut bytes, version) {
         Ok(request) => Decoded::Request {
             api_key,
@@ -130,6 +142,111 @@ pub fn decode_request_frame(body: &[u8]) -> Decoded {
             request: Box::new(request),
         },
         Err(error) => Decoded::Refused(format!("malformed {api_key:?} v{version}: {error}")),
+    }
+}
+
+/// Request versions the codecs no longer decode (`api::LEGACY`), read by
+/// hand with every count checked against the bytes left.
+pub mod legacy {
+    use bytes::{Buf, Bytes};
+    use kafka_protocol::messages::offset_commit_request::{
+        OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+    };
+    use kafka_protocol::messages::{GroupId, OffsetCommitRequest, TopicName};
+    use kafka_protocol::protocol::StrBytes;
+
+    fn need(body: &Bytes, bytes: usize, what: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(body.remaining() >= bytes, "the request ends inside {what}");
+        Ok(())
+    }
+
+    fn string(body: &mut Bytes, what: &str) -> anyhow::Result<Option<StrBytes>> {
+        need(body, 2, what)?;
+        let length = body.get_i16();
+        if length < 0 {
+            return Ok(None);
+        }
+        let length = length as usize;
+        need(body, length, what)?;
+        let bytes = body.split_to(length);
+        StrBytes::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("{what} is not UTF-8"))
+    }
+
+    /// An array's count, which must fit in what is left at `element_bytes`
+    /// (the least an element takes) apiece.
+    fn count(body: &mut Bytes, element_bytes: usize, what: &str) -> anyhow::Result<usize> {
+        need(body, 4, what)?;
+        let count = body.get_i32();
+        anyhow::ensure!(count >= 0, "{what} is null");
+        let count = count as usize;
+        anyhow::ensure!(
+            count.saturating_mul(element_bytes) <= body.remaining(),
+            "{what} claims {count} entries in {} bytes",
+            body.remaining()
+        );
+        Ok(count)
+    }
+
+    /// OffsetCommit v0 (group, topics) and v1 (with generation, member id
+    /// and a per-partition timestamp, ignored as Kafka did), as the request
+    /// the handler takes.
+    pub fn offset_commit(body: &mut Bytes, version: i16) -> anyhow::Result<OffsetCommitRequest> {
+        let group_id = string(body, "the group id")?.unwrap_or_default();
+        let (generation, member_id) = if version >= 1 {
+            need(body, 4, "the generation")?;
+            let generation = body.get_i32();
+            (
+                generation,
+                string(body, "the member id")?.unwrap_or_default(),
+            )
+        } else {
+            (-1, StrBytes::default())
+        };
+        let partition_bytes = if version >= 1 {
+            4 + 8 + 8 + 2
+        } else {
+            4 + 8 + 2
+        };
+        let topics = count(body, 2 + 4, "the topics")?;
+        let mut request_topics = Vec::with_capacity(topics);
+        for _ in 0..topics {
+            let name = string(body, "a topic name")?.unwrap_or_default();
+            let partitions = count(body, partition_bytes, "the partitions")?;
+            let mut request_partitions = Vec::with_capacity(partitions);
+            for _ in 0..partitions {
+                need(body, 12, "a partition")?;
+                let index = body.get_i32();
+                let offset = body.get_i64();
+                if version >= 1 {
+                    need(body, 8, "a commit timestamp")?;
+                    let _timestamp = body.get_i64();
+                }
+                let metadata = string(body, "commit metadata")?;
+                request_partitions.push(
+                    OffsetCommitRequestPartition::default()
+                        .with_partition_index(index)
+                        .with_committed_offset(offset)
+                        .with_committed_metadata(metadata),
+                );
+            }
+            request_topics.push(
+                OffsetCommitRequestTopic::default()
+                    .with_name(TopicName(name))
+                    .with_partitions(request_partitions),
+            );
+        }
+        anyhow::ensure!(
+            !body.has_remaining(),
+            "{} bytes after the request",
+            body.remaining()
+        );
+        Ok(OffsetCommitRequest::default()
+            .with_group_id(GroupId(group_id))
+            .with_generation_id_or_member_epoch(generation)
+            .with_member_id(member_id)
+            .with_topics(request_topics))
     }
 }
 
@@ -242,5 +359,80 @@ mod tests {
             })
         );
         assert_eq!(peek(&body[..7]), None);
+    }
+}
+
+#[cfg(test)]
+mod legacy_tests {
+    use bytes::{BufMut, BytesMut};
+
+    use super::legacy::offset_commit;
+
+    fn string(out: &mut BytesMut, text: &str) {
+        out.put_i16(text.len() as i16);
+        out.put_slice(text.as_bytes());
+    }
+
+    fn v1_request(partitions: i32) -> BytesMut {
+        let mut out = BytesMut::new();
+        string(&mut out, "group");
+        out.put_i32(7);
+        string(&mut out, "member-1");
+        out.put_i32(1);
+        string(&mut out, "orders");
+        out.put_i32(partitions);
+        for index in 0..partitions.clamp(0, 2) {
+            out.put_i32(index);
+            out.put_i64(100 + i64::from(index));
+            out.put_i64(1_700_000_000_000);
+            out.put_i16(-1);
+        }
+        out
+    }
+
+    #[test]
+    fn offset_commit_v1_and_v0_decode_into_the_request() {
+        let request = offset_commit(&mut v1_request(2).freeze(), 1).expect("v1");
+        assert_eq!(request.group_id.0.as_str(), "group");
+        assert_eq!(request.generation_id_or_member_epoch, 7);
+        assert_eq!(request.member_id.as_str(), "member-1");
+        let topic = &request.topics[0];
+        assert_eq!(topic.name.0.as_str(), "orders");
+        let offsets: Vec<(i32, i64)> = topic
+            .partitions
+            .iter()
+            .map(|partition| (partition.partition_index, partition.committed_offset))
+            .collect();
+        assert_eq!(offsets, [(0, 100), (1, 101)]);
+
+        let mut v0 = BytesMut::new();
+        string(&mut v0, "group");
+        v0.put_i32(1);
+        string(&mut v0, "orders");
+        v0.put_i32(1);
+        v0.put_i32(3);
+        v0.put_i64(42);
+        string(&mut v0, "meta");
+        let request = offset_commit(&mut v0.freeze(), 0).expect("v0");
+        assert_eq!(request.generation_id_or_member_epoch, -1);
+        assert_eq!(request.topics[0].partitions[0].committed_offset, 42);
+    }
+
+    #[test]
+    fn bad_legacy_requests_are_errors_not_allocations() {
+        // A count far beyond the bytes that follow.
+        assert!(offset_commit(&mut v1_request(i32::MAX).freeze(), 1).is_err());
+        // Cut anywhere.
+        let whole = v1_request(2).freeze();
+        for length in 0..whole.len() {
+            assert!(
+                offset_commit(&mut whole.slice(..length), 1).is_err(),
+                "a request cut at {length} bytes decoded"
+            );
+        }
+        // Trailing bytes.
+        let mut long = v1_request(2);
+        long.put_u8(0);
+        assert!(offset_commit(&mut long.freeze(), 1).is_err());
     }
 }
