@@ -204,17 +204,23 @@ fn bridged_values(broker: &Broker) -> Vec<String> {
             return Vec::new();
         };
         let mut values = Vec::new();
-        let mut offset = 0;
-        // The topic is made with one partition (topics.default_partitions).
-        while let Ok(fetched) = client.fetch(TOPIC, 0, offset, 1 << 20, 1, 0).await {
-            for record in records_of(&fetched.batches).expect("records") {
-                let value = record.value.unwrap_or_default();
-                values.push(String::from_utf8(value).expect("UTF-8 payload"));
+        // A keyed mapping topic has one partition per shard: read them all.
+        let partitions = match client.describe_topic(TOPIC).await {
+            Ok(description) => description.partitions.len() as u32,
+            Err(_) => return Vec::new(),
+        };
+        for partition in 0..partitions {
+            let mut offset = 0;
+            while let Ok(fetched) = client.fetch(TOPIC, partition, offset, 1 << 20, 1, 0).await {
+                for record in records_of(&fetched.batches).expect("records") {
+                    let value = record.value.unwrap_or_default();
+                    values.push(String::from_utf8(value).expect("UTF-8 payload"));
+                }
+                if fetched.next_offset <= offset || fetched.next_offset >= fetched.high_watermark {
+                    break;
+                }
+                offset = fetched.next_offset;
             }
-            if fetched.next_offset <= offset || fetched.next_offset >= fetched.high_watermark {
-                break;
-            }
-            offset = fetched.next_offset;
         }
         values
     })
@@ -323,11 +329,23 @@ fn qos_1_messages_published_upstream_land_in_the_mapped_topic_with_mqtt_headers(
         let client = NativeClient::connect(&broker.address(), ClientConfig::default())
             .await
             .expect("native connect");
+        // The first record of dev0 is in its key's partition.
+        let partitions = client
+            .describe_topic(TOPIC)
+            .await
+            .expect("describe")
+            .partitions
+            .len();
+        let partition = rill_protocol::partitioner::partition_for_key(b"dev0", partitions as u32);
         let fetched = client
-            .fetch(TOPIC, 0, 0, 1 << 20, 1, 0)
+            .fetch(TOPIC, partition, 0, 1 << 20, 1, 0)
             .await
             .expect("fetch");
-        records_of(&fetched.batches).expect("records").remove(0)
+        records_of(&fetched.batches)
+            .expect("records")
+            .into_iter()
+            .find(|record| record.key.as_deref() == Some(&b"dev0"[..]))
+            .expect("a record of dev0")
     });
     assert_eq!(first.key.as_deref(), Some(&b"dev0"[..]));
     let header = |name: &str| {
