@@ -323,15 +323,6 @@ async fn open_partitions(
 /// The topic, created with the broker's defaults when it is missing and the
 /// setting allows it.
 pub async fn ensure_topic(shared: &Shared, name: &str) -> Result<TopicMeta, OpError> {
-    ensure_topic_with(shared, name, shared.config.topics.default_partitions).await
-}
-
-/// [`ensure_topic`] creating a missing topic with `partitions` partitions.
-pub async fn ensure_topic_with(
-    shared: &Shared,
-    name: &str,
-    partitions: u32,
-) -> Result<TopicMeta, OpError> {
     if let Some(meta) = shared.topics.snapshot().table.get(name) {
         return Ok(meta.clone());
     }
@@ -343,7 +334,7 @@ pub async fn ensure_topic_with(
             ),
         ));
     }
-    match create_topic(shared, name, partitions, &[]).await {
+    match create_topic(shared, name, shared.config.topics.default_partitions, &[]).await {
         Ok(meta) => Ok(meta),
         // Another connection created it first.
         Err(error) if error.code == ErrorCode::TopicExists => shared

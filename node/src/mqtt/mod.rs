@@ -46,7 +46,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::Context;
 use rill_edge_bridge::mqtt::auth::{AcceptAll, Authenticator, PasswordFile};
-use rill_edge_bridge::mqtt::mapping::KeySource;
 use rill_edge_bridge::mqtt::retained::{self, RetainedLimits, RetainedStore};
 use rill_edge_bridge::mqtt::session::{Action, ServerContext, SessionState};
 use rill_edge_bridge::mqtt::subscriptions::{SubscriptionIndex, SubscriptionLimits};
@@ -596,33 +595,6 @@ pub(crate) async fn tick_loop(shared: Arc<Shared>) {
 
 /// Creates the Rill topics the mapping writes to, so that subscribers find
 /// them from the start (when `topics.auto_create` allows it).
-/// Partitions a missing mapping topic is created with. A keyed topic keeps
-/// each key's order in one partition, so it spreads over every shard (at
-/// least `topics.default_partitions`); an unkeyed rule's records go round
-/// robin and would lose their order across partitions, so such a topic
-/// keeps the default. A topic named by several rules takes the fewest.
-pub(crate) fn mapping_topic_partitions(shared: &Shared, topic: &str) -> u32 {
-    let default = shared.config.topics.default_partitions;
-    let spread = default.max(u32::try_from(shared.shards()).unwrap_or(1));
-    let mapping = &shared.mqtt.context.mapping;
-    let mut partitions = None::<u32>;
-    for rule in mapping.rules().iter().filter(|rule| rule.topic == topic) {
-        let asked = match rule.key {
-            KeySource::None => default,
-            _ => spread,
-        };
-        partitions = Some(partitions.map_or(asked, |fewest| fewest.min(asked)));
-    }
-    if let rill_edge_bridge::mqtt::mapping::Unmatched::Topic(catch_all) = mapping.unmatched()
-        && catch_all == topic
-    {
-        // Keyed by MQTT topic.
-        partitions = Some(partitions.map_or(spread, |fewest| fewest.min(spread)));
-    }
-    partitions.unwrap_or(default)
-}
-
-/// Creates the mapping's topics that are missing, at start.
 pub(crate) async fn ensure_mapping_topics(shared: Arc<Shared>) {
     let mapping = &shared.mqtt.context.mapping;
     let mut topics: Vec<String> = mapping
@@ -636,8 +608,7 @@ pub(crate) async fn ensure_mapping_topics(shared: Arc<Shared>) {
     topics.sort();
     topics.dedup();
     for topic in topics {
-        let partitions = mapping_topic_partitions(&shared, &topic);
-        if let Err(error) = crate::broker::ensure_topic_with(&shared, &topic, partitions).await {
+        if let Err(error) = crate::broker::ensure_topic(&shared, &topic).await {
             tracing::warn!(topic, error = %error.message, "the MQTT mapping's topic is not available yet");
         }
     }

@@ -27,7 +27,7 @@ use super::{MqttState, lock, now_ms};
 use crate::broker::errors::OpError;
 use crate::broker::shard::ShardOp;
 use crate::broker::topics::{TopicView, shard_of};
-use crate::broker::{Shared, ensure_topic_with};
+use crate::broker::{Shared, ensure_topic};
 
 /// Bytes a batch needs beyond its records.
 const BATCH_OVERHEAD_BYTES: usize = 64;
@@ -103,8 +103,7 @@ pub(crate) async fn route(
     let partitions = match view.table.get(topic) {
         Some(meta) => meta.partitions,
         None => {
-            let partitions = super::mapping_topic_partitions(shared, topic);
-            let meta = ensure_topic_with(shared, topic, partitions).await?;
+            let meta = ensure_topic(shared, topic).await?;
             shared.topics.refresh(view);
             meta.partitions
         }
