@@ -289,6 +289,23 @@ fn explain_mapping_error(error: &MappingError, rules: &[MqttRuleSetting]) -> Str
 }
 
 /// Ranges and the mapping rules; `fail` reports against the key.
+/// Reads and parses the users file `path` named by `key` (MQTT's, or the
+/// Kafka listener's SASL users), failing at that key.
+pub(crate) fn check_users_file(
+    key: &str,
+    path: &str,
+    fail: &dyn Fn(&str, String) -> Result<(), super::ConfigError>,
+) -> Result<(), super::ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) => return fail(key, format!("cannot read {path}: {error}")),
+    };
+    match PasswordFile::parse(&text) {
+        Ok(_) => Ok(()),
+        Err(error) => fail(key, format!("{path}: {error}")),
+    }
+}
+
 pub(crate) fn validate(
     config: &super::Config,
     fail: &dyn Fn(&str, String) -> Result<(), super::ConfigError>,
@@ -368,18 +385,7 @@ pub(crate) fn validate(
         );
     }
     if !mqtt.users_file.is_empty() {
-        let text = match std::fs::read_to_string(&mqtt.users_file) {
-            Ok(text) => text,
-            Err(error) => {
-                return fail(
-                    "mqtt.users_file",
-                    format!("cannot read {}: {error}", mqtt.users_file),
-                );
-            }
-        };
-        if let Err(error) = PasswordFile::parse(&text) {
-            return fail("mqtt.users_file", format!("{}: {error}", mqtt.users_file));
-        }
+        check_users_file("mqtt.users_file", &mqtt.users_file, fail)?;
     } else if !mqtt.allow_anonymous {
         return fail(
             "mqtt.allow_anonymous",

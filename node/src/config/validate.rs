@@ -125,21 +125,7 @@ pub(crate) fn validate(
                 "empty, but kafka.sasl_users_file is set: no client could authenticate".into(),
             );
         }
-        let text = match std::fs::read_to_string(&kafka.sasl_users_file) {
-            Ok(text) => text,
-            Err(error) => {
-                return fail(
-                    "kafka.sasl_users_file",
-                    format!("cannot read {}: {error}", kafka.sasl_users_file),
-                );
-            }
-        };
-        if let Err(error) = rill_edge_bridge::mqtt::auth::PasswordFile::parse(&text) {
-            return fail(
-                "kafka.sasl_users_file",
-                format!("{}: {error}", kafka.sasl_users_file),
-            );
-        }
+        super::mqtt::check_users_file("kafka.sasl_users_file", &kafka.sasl_users_file, &fail)?;
     }
 
     let limits = &config.limits;
