@@ -74,11 +74,15 @@ pub struct SaslServer {
     state: State,
 }
 
-fn text(message: &[u8]) -> Result<&str, SaslServerError> {
+fn bounded(message: &[u8]) -> Result<&[u8], SaslServerError> {
     if message.len() > SASL_MESSAGE_BYTES_MAX {
         return Err(SaslServerError::Malformed("message too long"));
     }
-    std::str::from_utf8(message).map_err(|_| SaslServerError::Malformed("not UTF-8"))
+    Ok(message)
+}
+
+fn text(message: &[u8]) -> Result<&str, SaslServerError> {
+    std::str::from_utf8(bounded(message)?).map_err(|_| SaslServerError::Malformed("not UTF-8"))
 }
 
 /// A SCRAM user name with `=2C` and `=3D` decoded; any other `=` is an error.
@@ -188,10 +192,7 @@ impl SaslServer {
 }
 
 fn plain(users: &PasswordFile, message: &[u8]) -> Result<SaslStep, SaslServerError> {
-    if message.len() > SASL_MESSAGE_BYTES_MAX {
-        return Err(SaslServerError::Malformed("message too long"));
-    }
-    let mut parts = message.split(|byte| *byte == 0);
+    let mut parts = bounded(message)?.split(|byte| *byte == 0);
     let (Some(authzid), Some(user), Some(password), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {

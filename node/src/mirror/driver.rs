@@ -1046,6 +1046,14 @@ impl Driver {
             return false;
         };
         let mut last_read: Option<u64> = None;
+        // Built once per chunk; only the offset changes from record to record.
+        let mut provenance = Provenance {
+            edge_id: self.edge_id.clone(),
+            topic: partition.topic.clone(),
+            partition: partition.partition,
+            offset: 0,
+        };
+        let mut destination = TopicPartition::new(destination_topic, 0);
         for batch in split_batches(bytes) {
             let batch = match batch {
                 Ok(batch) => batch,
@@ -1082,20 +1090,12 @@ impl Driver {
                 if record.offset < position {
                     continue;
                 }
-                let destination_partition =
-                    map.destination_partition(partition.partition, record.key);
-                let destination =
-                    TopicPartition::new(destination_topic.clone(), destination_partition);
+                destination.partition = map.destination_partition(partition.partition, record.key);
                 if !self
                     .progress
                     .is_present(&partition, &destination, record.offset)
                 {
-                    let provenance = Provenance {
-                        edge_id: self.edge_id.clone(),
-                        topic: partition.topic.clone(),
-                        partition: partition.partition,
-                        offset: record.offset,
-                    };
+                    provenance.offset = record.offset;
                     if let Err(error) = self.push(index, &destination, &record, &provenance, now) {
                         self.stop_source(index, error);
                         failed = true;
