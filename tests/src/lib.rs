@@ -5,6 +5,7 @@
 //! Waiting is always polling a condition with a deadline, never a bare sleep.
 //! [`proxy`] puts a controllable TCP hop between a client and the broker.
 
+pub mod pki;
 pub mod proxy;
 
 use std::io::{Read, Write};

@@ -6,37 +6,14 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rill_core::batch::RecordBuilder;
 use rill_node::client::{Client, ClientConfig, ClientTls, records_of};
 use rill_protocol::{Acks, Target};
 use rill_tests::Broker;
-
-struct Pki {
-    ca: String,
-    server: (String, String),
-    client: (String, String),
-}
+use rill_tests::pki::Pki;
 
 fn pki() -> Pki {
-    let ca_key = KeyPair::generate().expect("ca key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).expect("ca certificate");
-    let issuer = Issuer::from_params(&ca_params, &ca_key);
-    let leaf = |names: Vec<String>| {
-        let key = KeyPair::generate().expect("leaf key");
-        let certificate = CertificateParams::new(names)
-            .expect("leaf params")
-            .signed_by(&key, &issuer)
-            .expect("leaf certificate");
-        (certificate.pem(), key.serialize_pem())
-    };
-    Pki {
-        ca: ca.pem(),
-        server: leaf(vec!["localhost".into(), "127.0.0.1".into()]),
-        client: leaf(vec!["device-17".into()]),
-    }
+    rill_tests::pki::generate(&["localhost", "127.0.0.1"], "device-17")
 }
 
 fn write(directory: &Path, name: &str, contents: &str) -> String {

@@ -764,34 +764,7 @@ fn unmirrored_records_are_kept_up_to_the_budget_and_counted_when_lost() {
 /// PEM files in `directory`: (ca, server cert, server key, client cert,
 /// client key).
 fn pki(directory: &std::path::Path) -> [String; 5] {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().expect("ca key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).expect("ca certificate");
-    let issuer = Issuer::from_params(&ca_params, &ca_key);
-    let leaf = |names: Vec<String>| {
-        let key = KeyPair::generate().expect("leaf key");
-        let certificate = CertificateParams::new(names)
-            .expect("leaf params")
-            .signed_by(&key, &issuer)
-            .expect("leaf certificate");
-        (certificate.pem(), key.serialize_pem())
-    };
-    let server = leaf(vec!["localhost".into()]);
-    let client = leaf(vec!["edge-1".into()]);
-    let write = |name: &str, contents: &str| {
-        let path = directory.join(name);
-        std::fs::write(&path, contents).expect("write pem");
-        path.display().to_string()
-    };
-    [
-        write("ca.pem", &ca.pem()),
-        write("server.pem", &server.0),
-        write("server.key", &server.1),
-        write("client.pem", &client.0),
-        write("client.key", &client.1),
-    ]
+    rill_tests::pki::generate(&["localhost"], "edge-1").write(directory)
 }
 
 #[test]
