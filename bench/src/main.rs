@@ -799,7 +799,12 @@ fn mirror_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
         }
     } else {
         mirror::Plan {
-            backlog_bytes: mib(10 * 1024),
+            // MIRROR_BACKLOG_MIB: a smaller backlog while
+            // exploring; the figures in BENCHMARKS.md use the default.
+            backlog_bytes: mib(std::env::var("MIRROR_BACKLOG_MIB")
+                .ok()
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(10 * 1024)),
             kafka_bytes: mib(1024),
             partitions: 1,
             drain_deadline: Duration::from_secs(1200),
@@ -823,8 +828,9 @@ fn mirror_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
             "GiB/s",
         )
         .note(format!(
-            "{} MiB; central: rill, 2 shards, fsync interval-ms; CPU per GiB: central {:.2} s, client {:.2} s",
+            "{} MiB; central: rill, 2 shards, fsync interval-ms, {}; CPU per GiB: central {:.2} s, client {:.2} s",
             plan.kafka_bytes >> 20,
+            figures.central_where,
             figures.kafka.broker_cpu_seconds_per_gib,
             figures.kafka.client_cpu_seconds_per_gib
         )),

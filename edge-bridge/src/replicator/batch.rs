@@ -58,11 +58,30 @@ pub struct Provenance {
 impl Provenance {
     /// The header value, `EDGE/TOPIC/PARTITION/OFFSET`.
     pub fn encode(&self) -> String {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut out);
+        String::from_utf8(out).expect("edge ids and topic names are UTF-8")
+    }
+
+    /// Bytes of [`Provenance::encode`]'s value.
+    pub fn encoded_len(&self) -> usize {
+        self.edge_id.len()
+            + self.topic.len()
+            + decimal_len(u64::from(self.partition))
+            + decimal_len(self.offset)
+            + 3
+    }
+
+    /// Appends the header value without allocating.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         debug_assert!(!self.edge_id.contains('/'), "edge ids are validated");
-        format!(
-            "{}/{}/{}/{}",
-            self.edge_id, self.topic, self.partition, self.offset
-        )
+        out.extend_from_slice(self.edge_id.as_bytes());
+        out.push(b'/');
+        out.extend_from_slice(self.topic.as_bytes());
+        out.push(b'/');
+        write_decimal(out, u64::from(self.partition));
+        out.push(b'/');
+        write_decimal(out, self.offset);
     }
 
     /// Parses a header value; `None` when it is not one.
@@ -82,6 +101,30 @@ impl Provenance {
             offset: offset.parse().ok()?,
         })
     }
+}
+
+fn decimal_len(mut value: u64) -> usize {
+    let mut digits = 1;
+    while value >= 10 {
+        value /= 10;
+        digits += 1;
+    }
+    digits
+}
+
+fn write_decimal(out: &mut Vec<u8>, value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// One record as read from the source log.
@@ -330,6 +373,7 @@ fn codec_attribute(compression: Compression) -> i16 {
 pub struct BatchBuilder {
     compression: Compression,
     limits: BatchLimits,
+    /// The batch so far: room for its header, then its records section.
     records: Vec<u8>,
     count: u32,
     base_timestamp_ms: i64,
@@ -338,7 +382,6 @@ pub struct BatchBuilder {
     last_source_offset: u64,
     opened_at_ms: u64,
     full: bool,
-    scratch: Vec<u8>,
 }
 
 impl BatchBuilder {
@@ -358,7 +401,6 @@ impl BatchBuilder {
             last_source_offset: 0,
             opened_at_ms: 0,
             full: false,
-            scratch: Vec::new(),
         }
     }
 
@@ -372,7 +414,7 @@ impl BatchBuilder {
 
     /// The records section so far, before compression.
     pub fn uncompressed_bytes(&self) -> usize {
-        self.records.len()
+        self.records.len().saturating_sub(BATCH_HEADER_BYTES)
     }
 
     /// The source offset of the first record, while not empty.
@@ -392,7 +434,9 @@ impl BatchBuilder {
         }
     }
 
-    /// Adds a record with its provenance header last.
+    /// Adds a record with its provenance header last. The record is
+    /// written straight into the batch: its length is worked out first,
+    /// so nothing is encoded twice or copied again.
     pub fn push(
         &mut self,
         record: &SourceRecord<'_>,
@@ -411,31 +455,32 @@ impl BatchBuilder {
         } else {
             self.base_timestamp_ms
         };
-        let provenance = provenance.encode();
-        let body = &mut self.scratch;
-        body.clear();
-        body.push(0); // record attributes: unused in v2
-        write_varlong(body, record.timestamp_ms.wrapping_sub(base_timestamp_ms));
-        write_varlong(body, i64::from(self.count));
-        write_nullable(body, record.key);
-        write_nullable(body, record.value);
-        write_varlong(body, record.headers.len() as i64 + 1);
-        for header in &record.headers {
-            write_nullable(body, Some(header.key));
-            write_nullable(body, header.value);
-        }
-        write_nullable(body, Some(PROVENANCE_HEADER.as_bytes()));
-        write_nullable(body, Some(provenance.as_bytes()));
-        let mut length = Vec::with_capacity(5);
-        write_varlong(&mut length, body.len() as i64);
-        let record_bytes = length.len() + body.len();
+        let timestamp_delta = record.timestamp_ms.wrapping_sub(base_timestamp_ms);
+        let offset_delta = i64::from(self.count);
+        let header_count = record.headers.len() as i64 + 1;
+        let provenance_len = provenance.encoded_len();
+        let body_len = 1
+            + varlong_len(timestamp_delta)
+            + varlong_len(offset_delta)
+            + nullable_len(record.key)
+            + nullable_len(record.value)
+            + varlong_len(header_count)
+            + record
+                .headers
+                .iter()
+                .map(|header| nullable_len(Some(header.key)) + nullable_len(header.value))
+                .sum::<usize>()
+            + nullable_len(Some(PROVENANCE_HEADER.as_bytes()))
+            + varlong_len(provenance_len as i64)
+            + provenance_len;
+        let record_bytes = varlong_len(body_len as i64) + body_len;
         if record_bytes > self.limits.batch_bytes_max {
             return Err(PushError::RecordTooLarge {
                 record_bytes,
                 batch_bytes_max: self.limits.batch_bytes_max,
             });
         }
-        if self.records.len() + record_bytes > self.limits.batch_bytes_max {
+        if self.uncompressed_bytes() + record_bytes > self.limits.batch_bytes_max {
             self.full = true;
             return Err(PushError::Full);
         }
@@ -444,11 +489,34 @@ impl BatchBuilder {
             self.max_timestamp_ms = record.timestamp_ms;
             self.first_source_offset = record.offset;
             self.opened_at_ms = now_ms;
+            if self.records.len() < BATCH_HEADER_BYTES {
+                // The batch's header first; room for a whole batch, so
+                // it is not moved while it grows.
+                self.records
+                    .reserve(BATCH_HEADER_BYTES + self.limits.batch_bytes_max.min(1 << 20));
+                self.records.resize(BATCH_HEADER_BYTES, 0);
+            }
         }
         self.max_timestamp_ms = self.max_timestamp_ms.max(record.timestamp_ms);
         self.last_source_offset = record.offset;
-        self.records.extend_from_slice(&length);
-        self.records.extend_from_slice(&self.scratch);
+        let out = &mut self.records;
+        let before = out.len();
+        out.reserve(record_bytes);
+        write_varlong(out, body_len as i64);
+        out.push(0); // record attributes: unused in v2
+        write_varlong(out, timestamp_delta);
+        write_varlong(out, offset_delta);
+        write_nullable(out, record.key);
+        write_nullable(out, record.value);
+        write_varlong(out, header_count);
+        for header in &record.headers {
+            write_nullable(out, Some(header.key));
+            write_nullable(out, header.value);
+        }
+        write_nullable(out, Some(PROVENANCE_HEADER.as_bytes()));
+        write_varlong(out, provenance_len as i64);
+        provenance.encode_into(out);
+        debug_assert_eq!(out.len() - before, record_bytes);
         self.count += 1;
         if self.count >= self.limits.batch_records_max {
             self.full = true;
@@ -456,40 +524,72 @@ impl BatchBuilder {
         Ok(())
     }
 
-    /// Compresses and frames the batch, and empties the builder. The batch
-    /// carries no producer session until [`stamp`].
+    /// Frames the batch (compressing its records when asked), and empties
+    /// the builder. The batch carries no producer session until
+    /// [`stamp`]. Uncompressed, the records are not copied: the batch is
+    /// the builder's buffer, whose first bytes were kept for the header.
     pub fn finish(&mut self) -> Result<ProducerBatch, CodecError> {
         assert!(!self.is_empty(), "finish a batch with records");
-        let section = compression::compress(self.compression, &self.records)?;
-        let mut batch = Vec::with_capacity(BATCH_HEADER_BYTES + section.len());
-        let batch_length = (BATCH_HEADER_BYTES - BATCH_LENGTH_PREFIX_BYTES + section.len()) as i32;
+        let uncompressed_bytes = self.uncompressed_bytes();
+        let mut batch = match self.compression {
+            Compression::None => std::mem::take(&mut self.records),
+            codec => {
+                let section = compression::compress(codec, &self.records[BATCH_HEADER_BYTES..])?;
+                let mut batch = Vec::with_capacity(BATCH_HEADER_BYTES + section.len());
+                batch.resize(BATCH_HEADER_BYTES, 0);
+                batch.extend_from_slice(&section);
+                self.records.truncate(BATCH_HEADER_BYTES);
+                batch
+            }
+        };
+        let batch_length = (batch.len() - BATCH_LENGTH_PREFIX_BYTES) as i32;
         let attributes = codec_attribute(self.compression);
         let count = self.count as i32;
-        batch.extend_from_slice(&0i64.to_be_bytes()); // base offset: the broker assigns it
-        batch.extend_from_slice(&batch_length.to_be_bytes());
-        batch.extend_from_slice(&(-1i32).to_be_bytes()); // partition leader epoch
-        batch.push(MAGIC_V2);
-        batch.extend_from_slice(&0u32.to_be_bytes()); // CRC: stamp writes it
-        batch.extend_from_slice(&attributes.to_be_bytes());
-        batch.extend_from_slice(&(count - 1).to_be_bytes());
-        batch.extend_from_slice(&self.base_timestamp_ms.to_be_bytes());
-        batch.extend_from_slice(&self.max_timestamp_ms.to_be_bytes());
-        batch.extend_from_slice(&[0; 14]); // producer id, epoch, base sequence: stamp writes them
-        batch.extend_from_slice(&count.to_be_bytes());
-        debug_assert_eq!(batch.len(), BATCH_HEADER_BYTES);
-        batch.extend_from_slice(&section);
+        let mut header = [0u8; BATCH_HEADER_BYTES];
+        let mut at = 0;
+        let mut put = |bytes: &[u8]| {
+            header[at..at + bytes.len()].copy_from_slice(bytes);
+            at += bytes.len();
+        };
+        put(&0i64.to_be_bytes()); // base offset: the broker assigns it
+        put(&batch_length.to_be_bytes());
+        put(&(-1i32).to_be_bytes()); // partition leader epoch
+        put(&[MAGIC_V2]);
+        put(&0u32.to_be_bytes()); // CRC: stamp writes it
+        put(&attributes.to_be_bytes());
+        put(&(count - 1).to_be_bytes());
+        put(&self.base_timestamp_ms.to_be_bytes());
+        put(&self.max_timestamp_ms.to_be_bytes());
+        put(&[0; 14]); // producer id, epoch, base sequence: stamp writes them
+        put(&count.to_be_bytes());
+        debug_assert_eq!(at, BATCH_HEADER_BYTES);
+        batch[..BATCH_HEADER_BYTES].copy_from_slice(&header);
         stamp(&mut batch, -1, -1, -1);
         let finished = ProducerBatch {
             bytes: batch,
             record_count: self.count,
             first_source_offset: self.first_source_offset,
             last_source_offset: self.last_source_offset,
-            uncompressed_bytes: self.records.len(),
+            uncompressed_bytes,
         };
-        self.records.clear();
         self.count = 0;
         self.full = false;
         Ok(finished)
+    }
+}
+
+/// Bytes of a zigzag varlong.
+fn varlong_len(value: i64) -> usize {
+    let raw = ((value << 1) ^ (value >> 63)) as u64;
+    // 7 bits a byte; zero still takes one.
+    (64 - (raw | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Bytes of a varlong length (-1 for none) and the bytes.
+fn nullable_len(bytes: Option<&[u8]>) -> usize {
+    match bytes {
+        None => varlong_len(-1),
+        Some(bytes) => varlong_len(bytes.len() as i64) + bytes.len(),
     }
 }
 

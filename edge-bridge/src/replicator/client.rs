@@ -63,7 +63,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{
     ApiKey, BrokerId, CreateTopicsRequest, FetchRequest, InitProducerIdRequest, ListOffsetsRequest,
     MetadataRequest, ProduceRequest, TopicName,
@@ -1060,9 +1060,14 @@ impl Client {
             let next_sequence = queue.next_sequence;
             let batch = &mut queue.batches[index];
             if batch.base_sequence.is_none() {
-                let mut bytes = batch.bytes.to_vec();
+                // Stamped in place: the batch's only owner is the queue
+                // until it is sent (a copy only if it is still shared).
+                let mut bytes = match std::mem::take(&mut batch.bytes).try_into_mut() {
+                    Ok(bytes) => bytes,
+                    Err(shared) => BytesMut::from(&shared[..]),
+                };
                 stamp(&mut bytes, id, epoch, next_sequence);
-                batch.bytes = Bytes::from(bytes);
+                batch.bytes = bytes.freeze();
                 batch.base_sequence = Some(next_sequence);
                 queue.next_sequence = ((i64::from(next_sequence) + i64::from(batch.record_count))
                     % PARTITION_SEQUENCE_SPAN) as i32;

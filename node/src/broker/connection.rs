@@ -462,22 +462,43 @@ type AnswerStream<'a> = std::pin::Pin<Box<dyn futures_util::Stream<Item = Answer
 /// large read per range).
 pub(crate) async fn read_ranges_async(ranges: Vec<SendRange>) -> std::io::Result<Vec<u8>> {
     let total: u64 = ranges.iter().map(|range| range.length).sum();
-    let (result, bytes) = read_ranges_into(ranges, Vec::with_capacity(total as usize)).await;
+    let (result, bytes) =
+        read_ranges_into(ranges, Vec::with_capacity(total as usize), &mut Vec::new()).await;
     result.map(|()| bytes)
 }
 
 /// [`read_ranges_async`] appending to `bytes`, which comes back either way
-/// (a reader that keeps one buffer reuses its pages).
+/// (a reader that keeps one buffer reuses its pages). Ranges of segments
+/// written with direct I/O are read with direct I/O too, staged in
+/// `scratch` ([`crate::io::direct`]).
 pub(crate) async fn read_ranges_into(
     ranges: Vec<SendRange>,
     mut bytes: Vec<u8>,
+    scratch: &mut Vec<u8>,
 ) -> (std::io::Result<()>, Vec<u8>) {
     use compio::buf::{IntoInner, IoBuf};
     use compio::io::AsyncReadAt;
-    use std::os::fd::{FromRawFd, IntoRawFd};
+    use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
     let total: u64 = ranges.iter().map(|range| range.length).sum();
     bytes.reserve(total as usize);
     for range in ranges {
+        if range.direct
+            && let Some(file) = crate::io::direct::open(range.fd.as_fd())
+        {
+            let (result, returned) = crate::io::direct::read_into(
+                &file,
+                range.position,
+                range.length as usize,
+                &mut bytes,
+                std::mem::take(scratch),
+            )
+            .await;
+            *scratch = returned;
+            if let Err(error) = result {
+                return (Err(error), bytes);
+            }
+            continue;
+        }
         // SAFETY: the descriptor is ours (a dup made by the owning shard).
         let file = unsafe { compio::fs::File::from_raw_fd(range.fd.into_raw_fd()) };
         let mut position = range.position;

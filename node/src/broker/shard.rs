@@ -62,6 +62,9 @@ pub struct SendRange {
     pub fd: std::os::fd::OwnedFd,
     pub position: u64,
     pub length: u64,
+    /// The segment is written with direct I/O (so not in the page cache):
+    /// read it with direct I/O too.
+    pub direct: bool,
 }
 
 /// Whole batches for a fetch, with the partition's state: file ranges to
@@ -631,8 +634,13 @@ impl Storage {
             .read(offset, max_bytes)
             .await
             .map_err(|error| read_error(&error))?;
-        // Sequential consumers come back for what follows: start reading it now.
-        log.advise_sequential(&slice, 2 * max_bytes);
+        // Sequential consumers come back for what follows: start reading it
+        // now. Not for segments written with direct I/O: their readers read
+        // with direct I/O too, and read-ahead would read them twice.
+        let direct = log.config().direct_io;
+        if !direct {
+            log.advise_sequential(&slice, 2 * max_bytes);
+        }
         let mut ranges = Vec::new();
         let mut bytes = Vec::new();
         for range in &slice.ranges {
@@ -656,6 +664,7 @@ impl Storage {
                     fd,
                     position: range.position,
                     length: range.length,
+                    direct,
                 });
                 continue;
             }

@@ -6,6 +6,7 @@
 //! on its polling driver (epoll) with the portable file driver. Nothing here
 //! panics because io_uring is missing or blocked.
 
+pub mod direct;
 pub mod home;
 mod probe;
 mod uring;

@@ -486,6 +486,7 @@ mod tests {
                         fd,
                         position: *position,
                         length: *length,
+                        direct: false,
                     }]
                 };
                 let mut bytes = Vec::new();

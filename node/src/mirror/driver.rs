@@ -51,6 +51,8 @@ use crate::tls::TlsSession;
 const TICK_MS: u64 = 10;
 /// Bytes read from a source partition at once.
 const READ_CHUNK_BYTES: u64 = 1024 * 1024;
+/// Chunks the reader reads ahead of the one being batched.
+const READ_AHEAD_CHUNKS: usize = 3;
 /// Chunks read per loop turn, so events are not kept waiting.
 const READS_PER_TURN: usize = 16;
 /// Finished batches waiting for the bucket or the client, at most, before
@@ -180,7 +182,10 @@ struct Driver {
     builders: BTreeMap<(usize, u32), BatchBuilder>,
     /// The chunk being read, kept between reads: a fresh buffer per chunk
     /// cost a page fault per 4 KiB read.
-    read_buffer: Vec<u8>,
+    /// Reads source chunks on a thread of its own.
+    reader: ChunkReader,
+    /// The chunks the reader streams ahead for the partition read last.
+    prefetch: Option<Prefetch>,
     pending: VecDeque<Finished>,
     in_flight: HashMap<u64, Sent>,
     /// Bytes of the batches in `in_flight` and `pending`.
@@ -366,6 +371,7 @@ impl Driver {
         // largest batches.
         let held_bytes_max = (shared.config.node.memory_budget_bytes / 8)
             .clamp(4 * config.batch.batch_bytes_max as u64, HELD_BYTES_MAX);
+        let reader = ChunkReader::start(shared.clone())?;
         Ok(Driver {
             shared,
             config,
@@ -383,7 +389,8 @@ impl Driver {
             producer_ready: false,
             scheduler: DrainScheduler::new(),
             builders: BTreeMap::new(),
-            read_buffer: Vec::new(),
+            reader,
+            prefetch: None,
             pending: VecDeque::new(),
             in_flight: HashMap::new(),
             held_bytes: 0,
@@ -470,7 +477,8 @@ impl Driver {
                 }
                 Action::Send { connection, bytes } => {
                     if let Some(socket) = self.sockets.get(&connection) {
-                        let _ = socket.writer.unbounded_send(bytes.to_vec());
+                        // A frame the client no longer holds: no copy.
+                        let _ = socket.writer.unbounded_send(Vec::from(bytes));
                     }
                 }
                 Action::Close { connection } => {
@@ -993,58 +1001,69 @@ impl Driver {
         let Some(position) = self.progress.read_position(&partition) else {
             return false;
         };
-        let key = (partition.topic.clone(), partition.partition);
-        let owner = shard_of(&key.0, key.1, self.shared.shards());
-        let answer = self
-            .shared
-            .call(owner, |reply| ShardOp::Fetch {
-                key: key.clone(),
-                offset: position as i64,
-                max_bytes: self.read_chunk_bytes,
-                reply,
-            })
-            .await;
-        let mut data = match answer {
-            Ok(Ok(data)) => data,
-            Ok(Err(error)) if error.code == ErrorCode::OffsetOutOfRange => {
+        // The chunk the reader streamed ahead, when it is the one wanted;
+        // otherwise a stream starts here (or, under a cap, one chunk is read).
+        let mut stream = match self.prefetch.take() {
+            Some(prefetch) if prefetch.index == index && prefetch.position == position => prefetch,
+            _ => {
+                // A stream of another partition or position is let go.
+                let ahead = if self.bucket.is_some() {
+                    0
+                } else {
+                    READ_AHEAD_CHUNKS
+                };
+                self.reader.stream(
+                    index,
+                    partition.clone(),
+                    position,
+                    self.read_chunk_bytes,
+                    ahead,
+                )
+            }
+        };
+        let chunk = stream
+            .chunks
+            .next()
+            .await
+            .unwrap_or_else(SourceChunk::shutting_down);
+        let SourceChunk {
+            outcome,
+            bytes,
+            scratch,
+        } = chunk;
+        let give_back = |stream: &Prefetch, bytes, scratch| {
+            let _ = stream.spare.unbounded_send((bytes, scratch));
+        };
+        let (end, next_offset) = match outcome {
+            ChunkOutcome::Read {
+                high_watermark,
+                next_offset,
+            } => (u64::try_from(high_watermark).unwrap_or(0), next_offset),
+            ChunkOutcome::OutOfRange => {
                 self.skip_evicted(index, position).await;
                 return true;
             }
-            Ok(Err(error))
-                if matches!(
-                    error.code,
-                    ErrorCode::UnknownTopic | ErrorCode::UnknownPartition
-                ) =>
-            {
+            ChunkOutcome::Gone(error) => {
                 self.stop_source(index, format!("the source partition is gone: {error}"));
                 return false;
             }
-            Ok(Err(error)) => {
+            ChunkOutcome::Failed(error) => {
                 tracing::warn!(destination = %self.config.name, topic = %partition.topic, partition = partition.partition, %error, "mirror read failed; retrying");
                 self.sources[index].retry_at_ms = now + RETRY_MS;
                 return false;
             }
-            Err(_) => return false,
+            ChunkOutcome::ShuttingDown => return false,
         };
-        let end = u64::try_from(data.high_watermark).unwrap_or(0);
         self.sources[index].end = end;
-        let mut bytes = std::mem::take(&mut self.read_buffer);
-        bytes.clear();
-        if !data.ranges.is_empty() {
-            let (result, returned) =
-                read_ranges_into(std::mem::take(&mut data.ranges), bytes).await;
-            bytes = returned;
-            if let Err(error) = result {
-                self.read_buffer = bytes;
-                tracing::warn!(destination = %self.config.name, %error, "mirror read failed; retrying");
-                self.sources[index].retry_at_ms = now + RETRY_MS;
-                return false;
-            }
-        }
-        bytes.extend_from_slice(&data.bytes);
         let read_any = self.take_records(index, position, &bytes);
-        self.read_buffer = bytes;
+        give_back(&stream, bytes, scratch);
         let position = self.progress.read_position(&partition).unwrap_or(position);
+        // The stream goes on from where this chunk ended, if that is where
+        // the partition's reading goes on.
+        if u64::try_from(next_offset).is_ok_and(|next| next == position) && position < end {
+            stream.position = position;
+            self.prefetch = Some(stream);
+        }
         if position >= end {
             self.go_idle(index, position);
         }
@@ -1142,7 +1161,6 @@ impl Driver {
         provenance: &Provenance,
         now: u64,
     ) -> Result<(), String> {
-        let source = self.sources[index].partition.clone();
         let key = (index, destination.partition);
         for _ in 0..2 {
             let builder = self
@@ -1153,9 +1171,11 @@ impl Driver {
             match builder.push(record, provenance, now) {
                 Ok(()) => {
                     if was_empty {
-                        let _ = self
-                            .progress
-                            .open_batch(&source, destination, record.offset);
+                        let _ = self.progress.open_batch(
+                            &self.sources[index].partition,
+                            destination,
+                            record.offset,
+                        );
                     }
                     return Ok(());
                 }
@@ -1454,6 +1474,246 @@ impl Driver {
 
 /// Writes what the driver queues for one connection, in order (through
 /// the TLS session when there is one).
+/// Reads chunks of source partitions on a thread of its own, so the disk
+/// and the shard's answer are waited for while the replicator's thread
+/// batches the chunk before: on one thread, a read ahead only moved when
+/// that thread paused, and the drain ran at the speed of the two in turn.
+/// The thread ends when the reader is dropped.
+struct ChunkReader {
+    requests: mpsc::UnboundedSender<StreamRequest>,
+}
+
+/// Read one partition from `position` on, up to `ahead` chunks ahead of
+/// what was taken.
+struct StreamRequest {
+    partition: TopicPartition,
+    position: u64,
+    max_bytes: u64,
+    chunks: mpsc::Sender<SourceChunk>,
+    spare: mpsc::UnboundedReceiver<(Vec<u8>, Vec<u8>)>,
+    /// One chunk only, no reading ahead.
+    once: bool,
+}
+
+impl ChunkReader {
+    fn start(shared: Arc<Shared>) -> Result<ChunkReader, String> {
+        let (requests, mut incoming) = mpsc::unbounded::<StreamRequest>();
+        let mut selection = shared.driver.clone();
+        std::thread::Builder::new()
+            .name("rill-mirror-rd".into())
+            .spawn(move || {
+                let runtime = match crate::io::build_runtime(&mut selection) {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        tracing::error!(%error, "the replicator's reader could not start its runtime");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    crate::io::home::install_relay();
+                    crate::io::home::homed(async move {
+                        while let Some(request) = incoming.next().await {
+                            crate::io::home::spawn(stream_chunks(shared.clone(), request))
+                                .detach();
+                        }
+                    })
+                    .await
+                });
+            })
+            .map_err(|error| format!("starting the replicator's reader thread: {error}"))?;
+        Ok(ChunkReader { requests })
+    }
+
+    /// Starts reading `partition` from `position`: the first chunk, then
+    /// up to `ahead` more while they are not taken. Dropping the stream
+    /// stops it.
+    fn stream(
+        &self,
+        index: usize,
+        partition: TopicPartition,
+        position: u64,
+        max_bytes: u64,
+        ahead: usize,
+    ) -> Prefetch {
+        // The channel holds its bound plus one (its one sender's slot).
+        let (chunks_tx, chunks) = mpsc::channel(ahead.saturating_sub(1));
+        let (spare, spare_rx) = mpsc::unbounded();
+        let _ = self.requests.unbounded_send(StreamRequest {
+            partition,
+            position,
+            max_bytes,
+            chunks: chunks_tx,
+            spare: spare_rx,
+            once: ahead == 0,
+        });
+        Prefetch {
+            index,
+            position,
+            chunks,
+            spare,
+        }
+    }
+}
+
+/// The reader's side of a stream: chunk after chunk, each from where the
+/// last ended, until the end of the partition, an error, or the stream is
+/// dropped. The channel's bound holds it to its read-ahead.
+async fn stream_chunks(shared: Arc<Shared>, mut request: StreamRequest) {
+    let mut position = request.position;
+    loop {
+        let (bytes, scratch) = request.spare.try_recv().ok().unwrap_or_default();
+        let chunk = read_source_chunk(
+            shared.clone(),
+            request.partition.clone(),
+            position,
+            request.max_bytes,
+            bytes,
+            scratch,
+        )
+        .await;
+        let next = match chunk.outcome {
+            ChunkOutcome::Read {
+                high_watermark,
+                next_offset,
+            } if next_offset > position as i64 && next_offset < high_watermark => {
+                Some(next_offset as u64)
+            }
+            _ => None,
+        };
+        let room = std::future::poll_fn(|context| request.chunks.poll_ready(context)).await;
+        if room.is_err() || request.chunks.try_send(chunk).is_err() || request.once {
+            return;
+        }
+        match next {
+            Some(next) => position = next,
+            None => return,
+        }
+    }
+}
+
+impl SourceChunk {
+    fn shutting_down() -> SourceChunk {
+        SourceChunk {
+            outcome: ChunkOutcome::ShuttingDown,
+            bytes: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+}
+
+/// A stream of chunks of one source partition from the reader.
+struct Prefetch {
+    index: usize,
+    /// Where the next chunk of the stream starts.
+    position: u64,
+    chunks: mpsc::Receiver<SourceChunk>,
+    /// Buffers given back for the reader to read into again.
+    spare: mpsc::UnboundedSender<(Vec<u8>, Vec<u8>)>,
+}
+
+/// What reading a chunk of a source partition gave, with the buffers it
+/// used (they are reused).
+struct SourceChunk {
+    outcome: ChunkOutcome,
+    /// The chunk's batches, when read.
+    bytes: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+enum ChunkOutcome {
+    Read {
+        high_watermark: i64,
+        next_offset: i64,
+    },
+    /// Below the partition's start: retention took it.
+    OutOfRange,
+    /// The partition no longer exists.
+    Gone(crate::broker::errors::OpError),
+    Failed(String),
+    ShuttingDown,
+}
+
+/// Reads up to `max_bytes` of whole batches of `partition` from `position`,
+/// into `bytes` (cleared first).
+async fn read_source_chunk(
+    shared: Arc<Shared>,
+    partition: TopicPartition,
+    position: u64,
+    max_bytes: u64,
+    mut bytes: Vec<u8>,
+    mut scratch: Vec<u8>,
+) -> SourceChunk {
+    let key = (partition.topic, partition.partition);
+    let owner = shard_of(&key.0, key.1, shared.shards());
+    let answer = shared
+        .call(owner, |reply| ShardOp::Fetch {
+            key,
+            offset: position as i64,
+            max_bytes,
+            reply,
+        })
+        .await;
+    bytes.clear();
+    let mut data = match answer {
+        Ok(Ok(data)) => data,
+        Ok(Err(error)) if error.code == ErrorCode::OffsetOutOfRange => {
+            return SourceChunk {
+                outcome: ChunkOutcome::OutOfRange,
+                bytes,
+                scratch,
+            };
+        }
+        Ok(Err(error))
+            if matches!(
+                error.code,
+                ErrorCode::UnknownTopic | ErrorCode::UnknownPartition
+            ) =>
+        {
+            return SourceChunk {
+                outcome: ChunkOutcome::Gone(error),
+                bytes,
+                scratch,
+            };
+        }
+        Ok(Err(error)) => {
+            return SourceChunk {
+                outcome: ChunkOutcome::Failed(error.to_string()),
+                bytes,
+                scratch,
+            };
+        }
+        Err(_) => {
+            return SourceChunk {
+                outcome: ChunkOutcome::ShuttingDown,
+                bytes,
+                scratch,
+            };
+        }
+    };
+    if !data.ranges.is_empty() {
+        let (result, returned) =
+            read_ranges_into(std::mem::take(&mut data.ranges), bytes, &mut scratch).await;
+        bytes = returned;
+        if let Err(error) = result {
+            bytes.clear();
+            return SourceChunk {
+                outcome: ChunkOutcome::Failed(error.to_string()),
+                bytes,
+                scratch,
+            };
+        }
+    }
+    bytes.extend_from_slice(&data.bytes);
+    SourceChunk {
+        outcome: ChunkOutcome::Read {
+            high_watermark: data.high_watermark,
+            next_offset: data.next_offset,
+        },
+        bytes,
+        scratch,
+    }
+}
+
 async fn write_loop(
     mut stream: TcpStream,
     mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,

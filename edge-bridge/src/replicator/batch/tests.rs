@@ -299,3 +299,28 @@ fn the_last_provenance_header_counts() {
         Some(ours)
     );
 }
+
+#[test]
+fn sizes_worked_out_ahead_match_what_is_written() {
+    let mut values = vec![0i64, 1, -1, 63, 64, -64, -65, i64::MAX, i64::MIN];
+    for shift in 0..63 {
+        values.extend([1i64 << shift, (1i64 << shift) - 1, -(1i64 << shift)]);
+    }
+    for value in values {
+        let mut out = Vec::new();
+        write_varlong(&mut out, value);
+        assert_eq!(super::varlong_len(value), out.len(), "varlong {value}");
+    }
+    for (partition, offset) in [(0, 0), (9, 10), (10, 99), (u32::MAX, u64::MAX)] {
+        let provenance = Provenance {
+            edge_id: "edge".into(),
+            topic: "a.topic".into(),
+            partition,
+            offset,
+        };
+        let text = provenance.encode();
+        assert_eq!(provenance.encoded_len(), text.len());
+        assert_eq!(text, format!("edge/a.topic/{partition}/{offset}"));
+        assert_eq!(Provenance::parse(text.as_bytes()), Some(provenance));
+    }
+}
