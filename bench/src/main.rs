@@ -828,8 +828,15 @@ fn mirror_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
             "GiB/s",
         )
         .note(format!(
-            "{} MiB; central: rill, 2 shards, fsync interval-ms, {}; CPU per GiB: central {:.2} s, client {:.2} s",
+            "median of {} rounds of {} MiB ({} GiB/s); central: rill, 2 shards, fsync interval-ms, {}; CPU per GiB (median round): central {:.2} s, client {:.2} s",
+            figures.kafka_rates.len(),
             plan.kafka_bytes >> 20,
+            figures
+                .kafka_rates
+                .iter()
+                .map(|rate| format!("{:.3}", gib_per_second(*rate)))
+                .collect::<Vec<_>>()
+                .join(", "),
             figures.central_where,
             figures.kafka.broker_cpu_seconds_per_gib,
             figures.kafka.client_cpu_seconds_per_gib
