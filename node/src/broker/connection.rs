@@ -1231,6 +1231,7 @@ pub(crate) async fn fetch_with_wait(
             key: key.clone(),
             offset,
             max_bytes,
+            read_direct: false,
             reply,
         })
     };

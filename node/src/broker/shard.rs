@@ -116,6 +116,11 @@ pub enum ShardOp {
         key: PartitionKey,
         offset: i64,
         max_bytes: u64,
+        /// The reader reads ranges of direct-I/O segments with direct I/O
+        /// and reads ahead itself (the replicator): no kernel read-ahead.
+        /// Consumers leave it off: one fetch at a time, they rely on the
+        /// kernel reading ahead while they send.
+        read_direct: bool,
         reply: oneshot::Sender<Result<FetchData, OpError>>,
     },
     /// Answers once the partition holds data at `offset` (or on shutdown).
@@ -400,9 +405,10 @@ impl Storage {
                 key,
                 offset,
                 max_bytes,
+                read_direct,
                 reply,
             } => {
-                let _ = reply.send(self.fetch(&key, offset, max_bytes).await);
+                let _ = reply.send(self.fetch(&key, offset, max_bytes, read_direct).await);
             }
             ShardOp::WaitForData { key, offset, reply } => self.wait_for_data(key, offset, reply),
             ShardOp::ListOffsets { key, at, reply } => {
@@ -625,6 +631,7 @@ impl Storage {
         key: &PartitionKey,
         offset: i64,
         max_bytes: u64,
+        read_direct: bool,
     ) -> Result<FetchData, OpError> {
         let log = self
             .logs
@@ -635,9 +642,9 @@ impl Storage {
             .await
             .map_err(|error| read_error(&error))?;
         // Sequential consumers come back for what follows: start reading it
-        // now. Not for segments written with direct I/O: their readers read
-        // with direct I/O too, and read-ahead would read them twice.
-        let direct = log.config().direct_io;
+        // now. Not for a reader that reads direct-I/O segments with direct
+        // I/O and reads ahead itself: read-ahead would read them twice.
+        let direct = read_direct && log.config().direct_io;
         if !direct {
             log.advise_sequential(&slice, 2 * max_bytes);
         }

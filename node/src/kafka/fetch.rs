@@ -336,6 +336,7 @@ async fn read_all(
                 key,
                 offset: want.offset,
                 max_bytes: budget,
+                read_direct: false,
                 reply,
             })
             .await;

@@ -1650,6 +1650,7 @@ async fn read_source_chunk(
             key,
             offset: position as i64,
             max_bytes,
+            read_direct: true,
             reply,
         })
         .await;
