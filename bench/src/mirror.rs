@@ -115,14 +115,7 @@ const CENTRAL_TMPFS_BYTES: u64 = 4 << 30;
 /// [`CENTRAL_TMPFS_BYTES`]. Returns the directory and a note for the table.
 fn central_directory(data_dir: &Path) -> (std::path::PathBuf, &'static str) {
     let shm = Path::new("/dev/shm");
-    let available = std::ffi::CString::new("/dev/shm").ok().and_then(|path| {
-        // SAFETY: statvfs writes only into the zeroed struct we pass.
-        unsafe {
-            let mut stats: libc::statvfs = std::mem::zeroed();
-            (libc::statvfs(path.as_ptr(), &mut stats) == 0)
-                .then(|| stats.f_bavail as u64 * stats.f_frsize as u64)
-        }
-    });
+    let available = rill_node::broker::admin::disk_free_bytes(shm);
     if available.is_some_and(|bytes| bytes >= 2 * CENTRAL_TMPFS_BYTES) {
         (
             shm.join(format!("rill-bench-central-{}", std::process::id())),
@@ -237,7 +230,7 @@ pub fn run(data_dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
     let edge = BrokerProcess::start(&edge_dir, &edge_settings(Some(destination)))?;
     let mirrored_topic = format!("{EDGE_ID}.backlog");
     let mut peak_kib = 0;
-    let mut first_arrival = None;
+    let mut arrived_any = false;
     loop {
         peak_kib = peak_kib.max(edge.resident_kib()?.1);
         let arrived = runtime.block_on(records_in(
@@ -245,8 +238,8 @@ pub fn run(data_dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
             &mirrored_topic,
             plan.partitions,
         ));
-        if arrived > 0 && first_arrival.is_none() {
-            first_arrival = Some(started.elapsed());
+        if arrived > 0 && !arrived_any {
+            arrived_any = true;
             eprintln!(
                 "mirror: first records at the central broker after {:.2} s",
                 started.elapsed().as_secs_f64()

@@ -103,13 +103,8 @@ impl Provenance {
     }
 }
 
-fn decimal_len(mut value: u64) -> usize {
-    let mut digits = 1;
-    while value >= 10 {
-        value /= 10;
-        digits += 1;
-    }
-    digits
+fn decimal_len(value: u64) -> usize {
+    value.checked_ilog10().map_or(1, |log| log as usize + 1)
 }
 
 fn write_decimal(out: &mut Vec<u8>, value: u64) {

@@ -54,7 +54,8 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn disk_free_bytes(path: &std::path::Path) -> Option<u64> {
+/// Bytes an unprivileged writer may still use on the filesystem of `path`.
+pub fn disk_free_bytes(path: &std::path::Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     // SAFETY: statvfs writes only into the zeroed struct we pass.

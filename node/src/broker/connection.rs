@@ -513,11 +513,7 @@ pub(crate) async fn read_ranges_into(
                 Err(error) => return (Err(error), bytes),
             };
             if read == 0 {
-                let error = std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "segment shorter than its range",
-                );
-                return (Err(error), bytes);
+                return (Err(crate::io::direct::shorter_than_range()), bytes);
             }
             position += read as u64;
         }

@@ -288,7 +288,6 @@ fn explain_mapping_error(error: &MappingError, rules: &[MqttRuleSetting]) -> Str
     }
 }
 
-/// Ranges and the mapping rules; `fail` reports against the key.
 /// Reads and parses the users file `path` named by `key` (MQTT's, or the
 /// Kafka listener's SASL users), failing at that key.
 pub(crate) fn check_users_file(
@@ -306,6 +305,7 @@ pub(crate) fn check_users_file(
     }
 }
 
+/// Ranges and the mapping rules; `fail` reports against the key.
 pub(crate) fn validate(
     config: &super::Config,
     fail: &dyn Fn(&str, String) -> Result<(), super::ConfigError>,

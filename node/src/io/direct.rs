@@ -21,6 +21,14 @@ use compio::buf::{IntoInner, IoBuf};
 use compio::io::AsyncReadAt;
 use rill_core::storage::DIRECT_IO_ALIGNMENT_BYTES as ALIGN;
 
+/// A segment file ended before the range a shard gave for it.
+pub(crate) fn shorter_than_range() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "segment shorter than its range",
+    )
+}
+
 /// `fd`'s file opened again for direct reads, or `None` where it cannot be.
 pub fn open(fd: BorrowedFd<'_>) -> Option<compio::fs::File> {
     let path = std::ffi::CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
@@ -66,13 +74,7 @@ pub async fn read_into(
             .await;
         scratch = returned.into_inner();
         match result {
-            Ok(0) => {
-                let error = io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "segment shorter than its range",
-                );
-                return (Err(error), scratch);
-            }
+            Ok(0) => return (Err(shorter_than_range()), scratch),
             Ok(read) => filled += read,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(error) => return (Err(error), scratch),
@@ -81,11 +83,7 @@ pub async fn read_into(
         // position; the next read would be refused. Only the end of the
         // file reads short, and then what was wanted is already there.
         if filled < wanted && filled % ALIGN != 0 {
-            let error = io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "segment shorter than its range",
-            );
-            return (Err(error), scratch);
+            return (Err(shorter_than_range()), scratch);
         }
     }
     out.extend_from_slice(&scratch[pad + head..pad + wanted]);

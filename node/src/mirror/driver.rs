@@ -180,8 +180,6 @@ struct Driver {
     producer_ready: bool,
     scheduler: DrainScheduler,
     builders: BTreeMap<(usize, u32), BatchBuilder>,
-    /// The chunk being read, kept between reads: a fresh buffer per chunk
-    /// cost a page fault per 4 KiB read.
     /// Reads source chunks on a thread of its own.
     reader: ChunkReader,
     /// The chunks the reader streams ahead for the partition read last.
@@ -1031,9 +1029,6 @@ impl Driver {
             bytes,
             scratch,
         } = chunk;
-        let give_back = |stream: &Prefetch, bytes, scratch| {
-            let _ = stream.spare.unbounded_send((bytes, scratch));
-        };
         let (end, next_offset) = match outcome {
             ChunkOutcome::Read {
                 high_watermark,
@@ -1056,7 +1051,9 @@ impl Driver {
         };
         self.sources[index].end = end;
         let read_any = self.take_records(index, position, &bytes);
-        give_back(&stream, bytes, scratch);
+        // The buffers go back to the reader (kept between reads: a fresh
+        // buffer per chunk cost a page fault per 4 KiB read).
+        let _ = stream.spare.unbounded_send((bytes, scratch));
         let position = self.progress.read_position(&partition).unwrap_or(position);
         // The stream goes on from where this chunk ended, if that is where
         // the partition's reading goes on.
@@ -1224,14 +1221,14 @@ impl Driver {
     /// the bucket would take now waits for the client, whose answer is an
     /// event.)
     fn next_wake_ms(&self, now: u64) -> u64 {
-        match &self.bucket {
-            Some(bucket) if !self.pending.is_empty() => {
-                match bucket.ready_at_ms(now).saturating_sub(now) {
-                    0 => TICK_MS,
-                    wait => wait.min(TICK_MS),
-                }
-            }
-            _ => TICK_MS,
+        let wait = match &self.bucket {
+            Some(bucket) if !self.pending.is_empty() => bucket.ready_at_ms(now).saturating_sub(now),
+            _ => 0,
+        };
+        if wait == 0 {
+            TICK_MS
+        } else {
+            wait.min(TICK_MS)
         }
     }
 
@@ -1472,8 +1469,6 @@ impl Driver {
     }
 }
 
-/// Writes what the driver queues for one connection, in order (through
-/// the TLS session when there is one).
 /// Reads chunks of source partitions on a thread of its own, so the disk
 /// and the shard's answer are waited for while the replicator's thread
 /// batches the chunk before: on one thread, a read ahead only moved when
@@ -1561,6 +1556,11 @@ impl ChunkReader {
 async fn stream_chunks(shared: Arc<Shared>, mut request: StreamRequest) {
     let mut position = request.position;
     loop {
+        // Room first, then the read: at most the read-ahead is held.
+        let room = std::future::poll_fn(|context| request.chunks.poll_ready(context)).await;
+        if room.is_err() {
+            return;
+        }
         let (bytes, scratch) = request.spare.try_recv().ok().unwrap_or_default();
         let chunk = read_source_chunk(
             shared.clone(),
@@ -1580,8 +1580,7 @@ async fn stream_chunks(shared: Arc<Shared>, mut request: StreamRequest) {
             }
             _ => None,
         };
-        let room = std::future::poll_fn(|context| request.chunks.poll_ready(context)).await;
-        if room.is_err() || request.chunks.try_send(chunk).is_err() || request.once {
+        if request.chunks.try_send(chunk).is_err() || request.once {
             return;
         }
         match next {
@@ -1655,66 +1654,41 @@ async fn read_source_chunk(
         })
         .await;
     bytes.clear();
-    let mut data = match answer {
-        Ok(Ok(data)) => data,
-        Ok(Err(error)) if error.code == ErrorCode::OffsetOutOfRange => {
-            return SourceChunk {
-                outcome: ChunkOutcome::OutOfRange,
-                bytes,
-                scratch,
-            };
+    let outcome = match answer {
+        Ok(Ok(mut data)) => {
+            let (result, returned) =
+                read_ranges_into(std::mem::take(&mut data.ranges), bytes, &mut scratch).await;
+            bytes = returned;
+            match result {
+                Ok(()) => {
+                    bytes.extend_from_slice(&data.bytes);
+                    ChunkOutcome::Read {
+                        high_watermark: data.high_watermark,
+                        next_offset: data.next_offset,
+                    }
+                }
+                Err(error) => {
+                    bytes.clear();
+                    ChunkOutcome::Failed(error.to_string())
+                }
+            }
         }
-        Ok(Err(error))
-            if matches!(
-                error.code,
-                ErrorCode::UnknownTopic | ErrorCode::UnknownPartition
-            ) =>
-        {
-            return SourceChunk {
-                outcome: ChunkOutcome::Gone(error),
-                bytes,
-                scratch,
-            };
-        }
-        Ok(Err(error)) => {
-            return SourceChunk {
-                outcome: ChunkOutcome::Failed(error.to_string()),
-                bytes,
-                scratch,
-            };
-        }
-        Err(_) => {
-            return SourceChunk {
-                outcome: ChunkOutcome::ShuttingDown,
-                bytes,
-                scratch,
-            };
-        }
-    };
-    if !data.ranges.is_empty() {
-        let (result, returned) =
-            read_ranges_into(std::mem::take(&mut data.ranges), bytes, &mut scratch).await;
-        bytes = returned;
-        if let Err(error) = result {
-            bytes.clear();
-            return SourceChunk {
-                outcome: ChunkOutcome::Failed(error.to_string()),
-                bytes,
-                scratch,
-            };
-        }
-    }
-    bytes.extend_from_slice(&data.bytes);
-    SourceChunk {
-        outcome: ChunkOutcome::Read {
-            high_watermark: data.high_watermark,
-            next_offset: data.next_offset,
+        Ok(Err(error)) => match error.code {
+            ErrorCode::OffsetOutOfRange => ChunkOutcome::OutOfRange,
+            ErrorCode::UnknownTopic | ErrorCode::UnknownPartition => ChunkOutcome::Gone(error),
+            _ => ChunkOutcome::Failed(error.to_string()),
         },
+        Err(_) => ChunkOutcome::ShuttingDown,
+    };
+    SourceChunk {
+        outcome,
         bytes,
         scratch,
     }
 }
 
+/// Writes what the driver queues for one connection, in order (through
+/// the TLS session when there is one).
 async fn write_loop(
     mut stream: TcpStream,
     mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
