@@ -29,8 +29,14 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Most frames the writer gathers into one vectored write.
 const WRITE_FRAMES_MAX: usize = 64;
 
-/// A response frame body (correlation id, message, and any raw bytes after it).
-pub(crate) type ResponseBody = Vec<u8>;
+/// A response frame body (correlation id, message, and any raw bytes after
+/// it). Shared bytes, so a large fetch answer reaches its caller without a
+/// copy ([`take_frame`]).
+pub(crate) type ResponseBody = bytes::Bytes;
+
+/// Frames at least this large that start the read buffer are handed over
+/// with the buffer itself instead of copied out of it.
+const HAND_OVER_BYTES_MIN: usize = 256 * 1024;
 
 /// Why the connection ended; kept so every later call can say so.
 #[derive(Debug, Clone)]
@@ -234,8 +240,8 @@ impl Connection {
     }
 
     /// Routes one response frame body to its waiter.
-    fn deliver(&self, body: &[u8]) -> Result<(), CloseReason> {
-        let (frame, _raw) = ResponseFrame::decode(body).map_err(|error| {
+    fn deliver(&self, body: ResponseBody) -> Result<(), CloseReason> {
+        let (frame, _raw) = ResponseFrame::decode(&body).map_err(|error| {
             CloseReason::Protocol(format!("undecodable response frame: {error}"))
         })?;
         let waiter = self
@@ -245,7 +251,7 @@ impl Connection {
             .remove(&frame.correlation_id);
         match waiter {
             Some(waiter) => {
-                let _ = waiter.send(Ok(body.to_vec()));
+                let _ = waiter.send(Ok(body));
                 Ok(())
             }
             None => Err(CloseReason::Protocol(format!(
@@ -288,10 +294,18 @@ async fn read_responses(
         let split = loop {
             match split_frame(&buffer[consumed..], frame_bytes_max) {
                 Ok(Some((body, used))) => {
+                    // The body ends the frame, after its header.
+                    let body_end = consumed + used;
+                    let body_start = body_end - body.len();
+                    let body = if consumed == 0 && used >= HAND_OVER_BYTES_MIN {
+                        take_frame(&mut buffer, used).slice(body_start..body_end)
+                    } else {
+                        consumed += used;
+                        ResponseBody::copy_from_slice(&buffer[body_start..body_end])
+                    };
                     if let Err(reason) = connection.deliver(body) {
                         break Err(reason);
                     }
-                    consumed += used;
                 }
                 Ok(None) => break Ok(()),
                 Err(error) => break Err(CloseReason::Protocol(error.to_string())),
@@ -334,6 +348,14 @@ async fn read_responses(
         }
     };
     connection.close(reason);
+}
+
+/// Cuts the first `used` bytes (one whole frame) off `buffer` and returns
+/// them without copying: the buffer's allocation goes with the frame, and
+/// what followed the frame (usually little or nothing) moves to a fresh one.
+fn take_frame(buffer: &mut Vec<u8>, used: usize) -> ResponseBody {
+    let rest = buffer.split_off(used);
+    ResponseBody::from(std::mem::replace(buffer, rest))
 }
 
 /// The writer task: sends queued frames in order, several per vectored write

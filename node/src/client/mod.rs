@@ -107,7 +107,8 @@ pub struct Fetched {
     /// The offset to fetch next: one past the last batch returned.
     pub next_offset: i64,
     /// Whole Kafka v2 batches, raw; [`records_of`] splits them into records.
-    pub batches: Vec<u8>,
+    /// They share the response's buffer: no copy is made on the way here.
+    pub batches: bytes::Bytes,
 }
 
 /// A produce sent and not yet answered; see [`Client::start_produce`].
@@ -320,7 +321,7 @@ impl Client {
         pending: Pending,
         request: &'static str,
         timeout: Duration,
-    ) -> Result<Option<Vec<u8>>, ClientError> {
+    ) -> Result<Option<connection::ResponseBody>, ClientError> {
         connection::wait(&self.inner.driver.connection, pending, request, timeout).await
     }
 
@@ -330,7 +331,7 @@ impl Client {
         request: Request<'_>,
         name: &'static str,
         timeout: Duration,
-    ) -> Result<Vec<u8>, ClientError> {
+    ) -> Result<connection::ResponseBody, ClientError> {
         let pending = self.inner.driver.connection.send(request, true)?;
         self.wait(pending, name, timeout)
             .await?
@@ -443,7 +444,7 @@ impl Client {
                     high_watermark,
                     log_start_offset,
                     next_offset,
-                    batches: raw.to_vec(),
+                    batches: body.slice_ref(raw),
                 })
             }
             (other, _) => Err(unexpected("Fetched", &other)),

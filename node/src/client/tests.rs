@@ -499,6 +499,60 @@ fn fetched_raw_batches_decode_with_records_of() {
 }
 
 #[test]
+fn large_fetch_answers_arriving_back_to_back_each_reach_their_caller_intact() {
+    // Answers of 256 KiB and more are handed over with the read buffer
+    // itself; the bytes after such an answer (the start of the next one)
+    // must move to the next buffer unharmed, and small answers in between
+    // are copied out as before.
+    run(|| async {
+        let (listener, address) = listen().await;
+        let (client, mut peer) = connected(&listener, &address, config()).await;
+        let sizes = [700 * 1024, 10, 300 * 1024, 256 * 1024, 3];
+        let payload = |index: usize| -> Vec<u8> {
+            (0..sizes[index])
+                .map(|byte| (byte * 31 + index * 7) as u8)
+                .collect()
+        };
+        let broker = async {
+            let mut answers = Vec::new();
+            for _ in 0..sizes.len() {
+                let body = peer.read_request().await.expect("fetch");
+                let frame = RequestFrame::decode(&body).expect("decodes");
+                let Request::Fetch { partition, .. } = frame.request else {
+                    panic!("unexpected {frame:?}");
+                };
+                let raw = payload(partition as usize);
+                answers.extend_from_slice(&response_frame(
+                    frame.correlation_id,
+                    Response::Fetched {
+                        partition,
+                        high_watermark: 1,
+                        log_start_offset: 0,
+                        next_offset: 1,
+                        records_bytes: raw.len() as u32,
+                    },
+                    &raw,
+                ));
+            }
+            // Every answer in one write, so frames share reads.
+            peer.send(&answers).await;
+        };
+        let fetches = join_all(
+            (0..sizes.len() as u32).map(|partition| client.fetch("t", partition, 0, 1 << 20, 1, 0)),
+        );
+        let (results, ()) = futures_util::future::join(fetches, broker).await;
+        for (index, result) in results.into_iter().enumerate() {
+            let fetched = result.expect("fetched");
+            assert_eq!(fetched.partition, index as u32);
+            assert!(
+                fetched.batches[..] == payload(index)[..],
+                "answer {index} differs"
+            );
+        }
+    });
+}
+
+#[test]
 fn dropping_the_last_handle_closes_the_connection() {
     run(|| async {
         let (listener, address) = listen().await;
