@@ -159,31 +159,63 @@ pub fn loopback_tcp_bandwidth(total_bytes: u64) -> io::Result<f64> {
 }
 
 /// Sequential buffered reads of 4 MiB, each advising the next two ahead (as
-/// the broker does), from a file written with O_DIRECT
-/// (so not in the page cache), the page cache dropped first when allowed:
-/// what a consumer of data on disk can get at most. Bytes per second, and
-/// whether the cache was really cold.
-pub fn cold_read_bandwidth(directory: &Path, total_bytes: u64) -> io::Result<(f64, bool)> {
-    let path = directory.join("limit-cold-read.bin");
-    {
+/// the broker does), from `streams` files written with O_DIRECT (so not in
+/// the page cache) and read at once, one thread each; the page cache is
+/// dropped first when allowed. What consumers of that many partitions of
+/// data on disk can get at most: `total_bytes` in all, in bytes per second,
+/// and whether the cache was really cold.
+pub fn cold_read_bandwidth(
+    directory: &Path,
+    total_bytes: u64,
+    streams: u64,
+) -> io::Result<(f64, bool)> {
+    let per_stream = (total_bytes / streams.max(1)).max(BLOCK_BYTES as u64);
+    let paths: Vec<_> = (0..streams.max(1))
+        .map(|stream| directory.join(format!("limit-cold-read-{stream}.bin")))
+        .collect();
+    let buffer = block();
+    for path in &paths {
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .custom_flags(libc::O_DIRECT)
-            .open(&path)?;
-        let buffer = block();
+            .open(path)?;
         let mut written = 0u64;
-        while written < total_bytes {
+        while written < per_stream {
             file.write_all_at(buffer.as_slice(), written)?;
             written += BLOCK_BYTES as u64;
         }
         file.sync_data()?;
     }
     let cold = crate::machine::drop_page_cache();
-    let file = std::fs::File::open(&path)?;
-    let mut buffer = vec![0u8; 4 * BLOCK_BYTES];
     let started = Instant::now();
+    let read = std::thread::scope(|scope| {
+        let readers: Vec<_> = paths
+            .iter()
+            .map(|path| scope.spawn(move || read_sequentially(path)))
+            .collect();
+        readers
+            .into_iter()
+            .map(|reader| {
+                reader
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a reader thread panicked")))
+            })
+            .sum::<io::Result<u64>>()
+    })?;
+    let elapsed = started.elapsed();
+    for path in &paths {
+        std::fs::remove_file(path)?;
+    }
+    Ok((read as f64 / elapsed.as_secs_f64(), cold))
+}
+
+/// Reads a whole file in 4 MiB reads, advising the next two ahead.
+fn read_sequentially(path: &Path) -> io::Result<u64> {
+    let file = std::fs::File::open(path)?;
+    let total_bytes = file.metadata()?.len();
+    let mut buffer = vec![0u8; 4 * BLOCK_BYTES];
     let mut read = 0u64;
     while read < total_bytes {
         // Ask for the next two reads ahead, as the broker does for consumers.
@@ -192,10 +224,9 @@ pub fn cold_read_bandwidth(directory: &Path, total_bytes: u64) -> io::Result<(f6
             read + buffer.len() as u64,
             2 * buffer.len() as u64,
         );
-        file.read_exact_at(&mut buffer, read)?;
-        read += buffer.len() as u64;
+        let length = buffer.len().min((total_bytes - read) as usize);
+        file.read_exact_at(&mut buffer[..length], read)?;
+        read += length as u64;
     }
-    let elapsed = started.elapsed();
-    std::fs::remove_file(&path)?;
-    Ok((read as f64 / elapsed.as_secs_f64(), cold))
+    Ok(read)
 }

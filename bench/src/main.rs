@@ -516,9 +516,16 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
     };
     let (cold_read, cold) = {
         let run = storage::RunDirectory::new(data_dir, "limits")?;
-        limits::cold_read_bandwidth(run.path(), bytes.min(mib(1024)))?
+        limits::cold_read_bandwidth(run.path(), bytes.min(mib(1024)), 1)?
     };
     let cold_read = gib_per_second(cold_read);
+    // Four partitions read at once are four streams for the disk: its limit
+    // for that differs from one stream's (virtual disks can be far slower).
+    let (cold_read_four, cold_four) = {
+        let run = storage::RunDirectory::new(data_dir, "limits")?;
+        limits::cold_read_bandwidth(run.path(), bytes.min(mib(1024)), 4)?
+    };
+    let cold_read_four = gib_per_second(cold_read_four);
     rows.push(Row::new(
         "limit: loopback TCP, one stream, 1 MiB writes",
         "raw",
@@ -534,6 +541,19 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
         )
         .note(if cold {
             "page cache dropped"
+        } else {
+            "page cache could not be dropped: warm"
+        }),
+    );
+    rows.push(
+        Row::new(
+            "limit: 4 files read at once, sequential 4 MiB reads with readahead, data not in the page cache",
+            "raw",
+            cold_read_four,
+            "GiB/s",
+        )
+        .note(if cold_four {
+            "page cache dropped; one thread per file, the same bytes in all as one stream"
         } else {
             "page cache could not be dropped: warm"
         }),
@@ -703,9 +723,14 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
         .against("loopback", loopback)
         .target(">= 70%")
         .note(format!(
-            "{:.0}% of the cold-read limit; broker CPU {:.2} s/GiB; segments written with O_DIRECT, so not cached: one buffered read per fetch, the kernel asked to read ahead, then sent",
+            "{:.0}% of the cold-read limit; broker CPU {:.2} s/GiB; {}; one buffered read per fetch, the kernel asked to read ahead, then sent",
             100.0 * gib_per_second(figures.consume_bytes_per_second) / cold_read,
-            figures.consume_cpu_seconds_per_gib
+            figures.consume_cpu_seconds_per_gib,
+            if figures.consume_cold {
+                "page cache dropped first"
+            } else {
+                "page cache could not be dropped (segments written with O_DIRECT are not cached anyway)"
+            }
         ))
         ,
     );
@@ -719,8 +744,8 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
         .against("loopback", loopback)
         .target(">= 70%")
         .note(format!(
-            "{:.0}% of the cold-read limit; the same bytes as above, spread over 4 partitions",
-            100.0 * gib_per_second(figures.consume_four_partitions_bytes_per_second) / cold_read
+            "{:.0}% of the 4-file cold-read limit; the same bytes as above, spread over 4 partitions",
+            100.0 * gib_per_second(figures.consume_four_partitions_bytes_per_second) / cold_read_four
         )),
     );
     rows.push(
