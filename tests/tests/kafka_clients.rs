@@ -407,6 +407,110 @@ fn every_compression_codec_round_trips_keys_values_headers_and_timestamps() {
     }
 }
 
+/// Records a native client sees in one partition of `broker` (0 while the
+/// topic is missing), and the compression codec of every batch there.
+fn native_view(broker: &Broker, topic: &str) -> (i64, Vec<i16>) {
+    use rill_node::client::{Client, ClientConfig};
+    compio::runtime::Runtime::new()
+        .expect("client runtime")
+        .block_on(async {
+            let Ok(client) = Client::connect(&broker.address(), ClientConfig::default()).await
+            else {
+                return (0, Vec::new());
+            };
+            let latest = client
+                .list_offsets(topic, 0, rill_protocol::OffsetSpec::Latest)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(0);
+            let mut codecs = Vec::new();
+            let mut offset = 0;
+            while offset < latest {
+                let Ok(fetched) = client.fetch(topic, 0, offset, 1 << 20, 1, 0).await else {
+                    break;
+                };
+                // A v2 batch: base offset (8), length (4), leader epoch (4),
+                // magic (1), CRC (4), then attributes (2), codec in bits 0-2.
+                let mut rest = &fetched.batches[..];
+                while rest.len() >= 23 {
+                    let length = i32::from_be_bytes([rest[8], rest[9], rest[10], rest[11]]);
+                    codecs.push(i16::from_be_bytes([rest[21], rest[22]]) & 7);
+                    rest = rest.get(12 + length.max(0) as usize..).unwrap_or_default();
+                }
+                if fetched.next_offset <= offset {
+                    break;
+                }
+                offset = fetched.next_offset;
+            }
+            (latest, codecs)
+        })
+}
+
+#[test]
+fn the_replicators_uplink_in_every_codec_reads_back_with_librdkafka() {
+    // The replicator compresses with its own codecs (edge-bridge); a Kafka
+    // consumer of the central cluster must read every record back, with its
+    // provenance header, whatever codec the uplink used.
+    const RECORDS: usize = 400;
+    let central = start_broker();
+    for (codec, id) in [("gzip", 1), ("snappy", 2), ("lz4", 3), ("zstd", 4)] {
+        let edge_id = format!("edge-{codec}");
+        let edge = Broker::start(&[
+            &format!("mirror.edge_id={edge_id}"),
+            "mirror.reconcile_delay_ms=0",
+            "mirror.topic_refresh_ms=200",
+            &format!(
+                "mirror.destinations=[{{name=\"central\", bootstrap_servers=[\"{}\"], linger_ms=5, create_partitions=1, compression=\"{codec}\"}}]",
+                central.kafka_address()
+            ),
+        ]);
+        create_topic(&edge, "readings", 1);
+        let producer = producer(&edge.kafka_address(), &[("compression.type", "none")]);
+        for index in 0..RECORDS {
+            let key = codec_key(index);
+            let value = codec_value(codec, index);
+            let mut record = BaseRecord::to("readings")
+                .partition(0)
+                .timestamp(BASE_TIMESTAMP + index as i64);
+            if let Some(key) = &key {
+                record = record.key(key.as_slice());
+            }
+            if let Some(value) = &value {
+                record = record.payload(value.as_slice());
+            }
+            send(&producer, record);
+        }
+        flush_ok(&producer);
+        let mirrored = format!("{edge_id}.readings");
+        wait_until(&format!("{codec}: every record mirrored"), DEADLINE, || {
+            native_view(&central, &mirrored).0 >= RECORDS as i64
+        });
+        let (latest, codecs) = native_view(&central, &mirrored);
+        assert_eq!(latest, RECORDS as i64, "{codec}: each record once");
+        assert!(
+            !codecs.is_empty() && codecs.iter().all(|&batch_codec| batch_codec == id),
+            "{codec}: every batch on the central cluster is compressed with codec {id}: {codecs:?}"
+        );
+        let records = read_partition(&central.kafka_address(), &mirrored, 0, 0, RECORDS);
+        for (index, record) in records.iter().enumerate() {
+            let provenance = format!("{edge_id}/readings/0/{index}");
+            let expected = Record {
+                partition: 0,
+                offset: index as i64,
+                timestamp: Timestamp::CreateTime(BASE_TIMESTAMP + index as i64),
+                key: codec_key(index),
+                value: codec_value(codec, index),
+                headers: Some(vec![(
+                    "rill.source".to_string(),
+                    Some(provenance.into_bytes()),
+                )]),
+            };
+            assert_eq!(record, &expected, "{codec}: record {index}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // A consumer group that rebalances as members join, leave and are killed
 
