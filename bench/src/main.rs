@@ -723,9 +723,10 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
         .against("loopback", loopback)
         .target(">= 70%")
         .note(format!(
-            "{:.0}% of the cold-read limit; broker CPU {:.2} s/GiB; {}; one buffered read per fetch, the kernel asked to read ahead, then sent",
+            "{:.0}% of the cold-read limit; CPU per GiB: broker {:.2} s, client {:.2} s; {}; one buffered read per fetch, the kernel asked to read ahead, then sent",
             100.0 * gib_per_second(figures.consume_bytes_per_second) / cold_read,
             figures.consume_cpu_seconds_per_gib,
+            figures.consume_client_cpu_seconds_per_gib,
             if figures.consume_cold {
                 "page cache dropped first"
             } else {
@@ -758,8 +759,9 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
         .against("loopback", loopback)
         .target(">= 70%")
         .note(format!(
-            "the first read left the segments cached; broker CPU {:.2} s/GiB; median of {} rounds",
+            "the first read left the segments cached; CPU per GiB: broker {:.2} s, client {:.2} s; median of {} rounds",
             figures.consume_warm_cpu_seconds_per_gib,
+            figures.consume_warm_client_cpu_seconds_per_gib,
             native::WARM_CONSUME_ROUNDS
         )),
     );

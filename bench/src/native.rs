@@ -30,6 +30,9 @@ pub struct ThroughputFigures {
     /// second consumer of recent data): median of [`WARM_CONSUME_ROUNDS`].
     pub consume_warm_bytes_per_second: f64,
     pub consume_warm_cpu_seconds_per_gib: f64,
+    /// The client library's CPU (this process) per GiB, cold and warm.
+    pub consume_client_cpu_seconds_per_gib: f64,
+    pub consume_warm_client_cpu_seconds_per_gib: f64,
     /// The same bytes in four partitions, one fetch in flight per partition.
     pub consume_four_partitions_bytes_per_second: f64,
     pub produce_cpu_seconds_per_gib: f64,
@@ -142,14 +145,45 @@ pub fn throughput(
     // Cold reads start as the disk limit's do: written data synced, the page
     // cache dropped, so the produce just finished does not weigh on them.
     let mut cold = crate::machine::drop_page_cache();
-    let (consume_elapsed, consume_cpu, consumed) = runtime.block_on(async {
+    let (consume_elapsed, consume_cpu, consume_client_cpu, consumed) = runtime.block_on(async {
         let client = connect(&broker).await?;
         let cpu_before = broker.cpu_seconds()?;
+        let client_before = crate::broker::own_cpu_seconds();
         let started = Instant::now();
         let bytes = consume_all(&client, "bench", 1).await?;
         let elapsed = started.elapsed();
-        anyhow::Ok((elapsed, broker.cpu_seconds()? - cpu_before, bytes))
+        anyhow::Ok((
+            elapsed,
+            broker.cpu_seconds()? - cpu_before,
+            crate::broker::own_cpu_seconds() - client_before,
+            bytes,
+        ))
     })?;
+    // The first read left the segments in the page cache (consumers read
+    // buffered): read them again, as a second consumer of the same data
+    // would, before the next cold read drops the cache.
+    let mut warm_rounds = Vec::new();
+    for _ in 0..WARM_CONSUME_ROUNDS {
+        warm_rounds.push(runtime.block_on(async {
+            let client = connect(&broker).await?;
+            let cpu_before = broker.cpu_seconds()?;
+            let client_before = crate::broker::own_cpu_seconds();
+            let started = Instant::now();
+            let bytes = consume_all(&client, "bench", 1).await?;
+            let elapsed = started.elapsed();
+            anyhow::ensure!(
+                bytes == consumed,
+                "read {bytes} bytes of {consumed} with a warm cache"
+            );
+            anyhow::Ok((
+                bytes as f64 / elapsed.as_secs_f64(),
+                broker.cpu_seconds()? - cpu_before,
+                crate::broker::own_cpu_seconds() - client_before,
+            ))
+        })?);
+    }
+    warm_rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (warm_bytes_per_second, warm_cpu, warm_client_cpu) = warm_rounds[warm_rounds.len() / 2];
     // The same bytes over four partitions, consumed with four fetches in flight.
     let consume_four_elapsed = runtime.block_on(async {
         let client = connect(&broker).await?;
@@ -164,28 +198,6 @@ pub fn throughput(
         );
         anyhow::Ok(started.elapsed())
     })?;
-    // The first read left the segments in the page cache (consumers read
-    // buffered): read them again, as a second consumer of the same data would.
-    let mut warm_rounds = Vec::new();
-    for _ in 0..WARM_CONSUME_ROUNDS {
-        warm_rounds.push(runtime.block_on(async {
-            let client = connect(&broker).await?;
-            let cpu_before = broker.cpu_seconds()?;
-            let started = Instant::now();
-            let bytes = consume_all(&client, "bench", 1).await?;
-            let elapsed = started.elapsed();
-            anyhow::ensure!(
-                bytes == consumed,
-                "read {bytes} bytes of {consumed} with a warm cache"
-            );
-            anyhow::Ok((
-                bytes as f64 / elapsed.as_secs_f64(),
-                broker.cpu_seconds()? - cpu_before,
-            ))
-        })?);
-    }
-    warm_rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (warm_bytes_per_second, warm_cpu) = warm_rounds[warm_rounds.len() / 2];
     anyhow::ensure!(
         consumed == appended,
         "consumed {consumed} bytes of {appended} produced"
@@ -198,6 +210,8 @@ pub fn throughput(
         consume_bytes_per_second: consumed as f64 / consume_elapsed.as_secs_f64(),
         consume_warm_bytes_per_second: warm_bytes_per_second,
         consume_warm_cpu_seconds_per_gib: warm_cpu / gib,
+        consume_client_cpu_seconds_per_gib: consume_client_cpu / gib,
+        consume_warm_client_cpu_seconds_per_gib: warm_client_cpu / gib,
         consume_four_partitions_bytes_per_second: appended as f64
             / consume_four_elapsed.as_secs_f64(),
         produce_cpu_seconds_per_gib: produce_cpu / gib,
