@@ -115,6 +115,37 @@ pub async fn consume_all(client: &Client, topic: &str, partitions: u32) -> anyho
     Ok(total)
 }
 
+/// One timed read of a whole partition, with the CPU it cost.
+struct TimedConsume {
+    bytes: u64,
+    elapsed: Duration,
+    broker_cpu: f64,
+    client_cpu: f64,
+}
+
+impl TimedConsume {
+    fn bytes_per_second(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Reads partition 0 of `topic` to its end on a fresh connection, timing
+/// it and counting the broker's and this process's (the client's) CPU.
+async fn timed_consume(broker: &BrokerProcess, topic: &str) -> anyhow::Result<TimedConsume> {
+    let client = connect(broker).await?;
+    let broker_before = broker.cpu_seconds()?;
+    let client_before = crate::broker::own_cpu_seconds();
+    let started = Instant::now();
+    let bytes = consume_all(&client, topic, 1).await?;
+    let elapsed = started.elapsed();
+    Ok(TimedConsume {
+        bytes,
+        elapsed,
+        broker_cpu: broker.cpu_seconds()? - broker_before,
+        client_cpu: crate::broker::own_cpu_seconds() - client_before,
+    })
+}
+
 /// Produces `total_bytes` of 64 KiB batches (1 KiB records) to one partition
 /// with acks=written and a window of 16 batches, then consumes it all back.
 pub fn throughput(
@@ -145,45 +176,23 @@ pub fn throughput(
     // Cold reads start as the disk limit's do: written data synced, the page
     // cache dropped, so the produce just finished does not weigh on them.
     let mut cold = crate::machine::drop_page_cache();
-    let (consume_elapsed, consume_cpu, consume_client_cpu, consumed) = runtime.block_on(async {
-        let client = connect(&broker).await?;
-        let cpu_before = broker.cpu_seconds()?;
-        let client_before = crate::broker::own_cpu_seconds();
-        let started = Instant::now();
-        let bytes = consume_all(&client, "bench", 1).await?;
-        let elapsed = started.elapsed();
-        anyhow::Ok((
-            elapsed,
-            broker.cpu_seconds()? - cpu_before,
-            crate::broker::own_cpu_seconds() - client_before,
-            bytes,
-        ))
-    })?;
+    let cold_read = runtime.block_on(timed_consume(&broker, "bench"))?;
+    let consumed = cold_read.bytes;
     // The first read left the segments in the page cache (consumers read
     // buffered): read them again, as a second consumer of the same data
     // would, before the next cold read drops the cache.
     let mut warm_rounds = Vec::new();
     for _ in 0..WARM_CONSUME_ROUNDS {
-        warm_rounds.push(runtime.block_on(async {
-            let client = connect(&broker).await?;
-            let cpu_before = broker.cpu_seconds()?;
-            let client_before = crate::broker::own_cpu_seconds();
-            let started = Instant::now();
-            let bytes = consume_all(&client, "bench", 1).await?;
-            let elapsed = started.elapsed();
-            anyhow::ensure!(
-                bytes == consumed,
-                "read {bytes} bytes of {consumed} with a warm cache"
-            );
-            anyhow::Ok((
-                bytes as f64 / elapsed.as_secs_f64(),
-                broker.cpu_seconds()? - cpu_before,
-                crate::broker::own_cpu_seconds() - client_before,
-            ))
-        })?);
+        let round = runtime.block_on(timed_consume(&broker, "bench"))?;
+        anyhow::ensure!(
+            round.bytes == consumed,
+            "read {} bytes of {consumed} with a warm cache",
+            round.bytes
+        );
+        warm_rounds.push(round);
     }
-    warm_rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (warm_bytes_per_second, warm_cpu, warm_client_cpu) = warm_rounds[warm_rounds.len() / 2];
+    warm_rounds.sort_by(|a, b| a.bytes_per_second().total_cmp(&b.bytes_per_second()));
+    let warm = &warm_rounds[warm_rounds.len() / 2];
     // The same bytes over four partitions, consumed with four fetches in flight.
     let consume_four_elapsed = runtime.block_on(async {
         let client = connect(&broker).await?;
@@ -207,16 +216,16 @@ pub fn throughput(
     let gib = appended as f64 / (1u64 << 30) as f64;
     Ok(ThroughputFigures {
         produce_bytes_per_second: appended as f64 / produce_elapsed.as_secs_f64(),
-        consume_bytes_per_second: consumed as f64 / consume_elapsed.as_secs_f64(),
-        consume_warm_bytes_per_second: warm_bytes_per_second,
-        consume_warm_cpu_seconds_per_gib: warm_cpu / gib,
-        consume_client_cpu_seconds_per_gib: consume_client_cpu / gib,
-        consume_warm_client_cpu_seconds_per_gib: warm_client_cpu / gib,
+        consume_bytes_per_second: cold_read.bytes_per_second(),
+        consume_warm_bytes_per_second: warm.bytes_per_second(),
+        consume_warm_cpu_seconds_per_gib: warm.broker_cpu / gib,
+        consume_client_cpu_seconds_per_gib: cold_read.client_cpu / gib,
+        consume_warm_client_cpu_seconds_per_gib: warm.client_cpu / gib,
         consume_four_partitions_bytes_per_second: appended as f64
             / consume_four_elapsed.as_secs_f64(),
         produce_cpu_seconds_per_gib: produce_cpu / gib,
         produce_write_amplification: device_written as f64 / appended as f64,
-        consume_cpu_seconds_per_gib: consume_cpu / gib,
+        consume_cpu_seconds_per_gib: cold_read.broker_cpu / gib,
         consume_cold: cold,
         peak_resident_kib,
         bytes: appended,
