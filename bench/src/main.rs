@@ -514,18 +514,22 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
             bytes.min(mib(1024)),
         )?)
     };
-    let (cold_read, cold) = {
-        let run = storage::RunDirectory::new(data_dir, "limits")?;
-        limits::cold_read_bandwidth(run.path(), bytes.min(mib(1024)), 1)?
-    };
-    let cold_read = gib_per_second(cold_read);
     // Four partitions read at once are four streams for the disk: its limit
     // for that differs from one stream's (virtual disks can be far slower).
-    let (cold_read_four, cold_four) = {
+    let cold_read_limit = |streams| -> anyhow::Result<(f64, bool)> {
         let run = storage::RunDirectory::new(data_dir, "limits")?;
-        limits::cold_read_bandwidth(run.path(), bytes.min(mib(1024)), 4)?
+        let (speed, cold) = limits::cold_read_bandwidth(run.path(), bytes.min(mib(1024)), streams)?;
+        Ok((gib_per_second(speed), cold))
     };
-    let cold_read_four = gib_per_second(cold_read_four);
+    let (cold_read, cold) = cold_read_limit(1)?;
+    let (cold_read_four, cold_four) = cold_read_limit(4)?;
+    let cache_note = |cold: bool, detail: &str| {
+        if cold {
+            format!("page cache dropped{detail}")
+        } else {
+            "page cache could not be dropped: warm".to_string()
+        }
+    };
     rows.push(Row::new(
         "limit: loopback TCP, one stream, 1 MiB writes",
         "raw",
@@ -539,11 +543,7 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
             cold_read,
             "GiB/s",
         )
-        .note(if cold {
-            "page cache dropped"
-        } else {
-            "page cache could not be dropped: warm"
-        }),
+        .note(cache_note(cold, "")),
     );
     rows.push(
         Row::new(
@@ -552,11 +552,10 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
             cold_read_four,
             "GiB/s",
         )
-        .note(if cold_four {
-            "page cache dropped; one thread per file, the same bytes in all as one stream"
-        } else {
-            "page cache could not be dropped: warm"
-        }),
+        .note(cache_note(
+            cold_four,
+            "; one thread per file, the same bytes in all as one stream",
+        )),
     );
     rows.push(Row::new(
         "limit: sequential O_DIRECT write, 1 MiB blocks, QD16",

@@ -22,6 +22,7 @@ use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, Message
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, Timestamp, TopicPartitionList};
+use rill_core::batch::{BatchHeader, Compression};
 use rill_tests::proxy::{Direction, Proxy};
 use rill_tests::{Broker, Ports, rill_command, wait_until};
 
@@ -409,7 +410,7 @@ fn every_compression_codec_round_trips_keys_values_headers_and_timestamps() {
 
 /// Records a native client sees in one partition of `broker` (0 while the
 /// topic is missing), and the compression codec of every batch there.
-fn native_view(broker: &Broker, topic: &str) -> (i64, Vec<i16>) {
+fn native_view(broker: &Broker, topic: &str) -> (i64, Vec<Option<Compression>>) {
     use rill_node::client::{Client, ClientConfig};
     compio::runtime::Runtime::new()
         .expect("client runtime")
@@ -430,13 +431,13 @@ fn native_view(broker: &Broker, topic: &str) -> (i64, Vec<i16>) {
                 let Ok(fetched) = client.fetch(topic, 0, offset, 1 << 20, 1, 0).await else {
                     break;
                 };
-                // A v2 batch: base offset (8), length (4), leader epoch (4),
-                // magic (1), CRC (4), then attributes (2), codec in bits 0-2.
                 let mut rest = &fetched.batches[..];
-                while rest.len() >= 23 {
-                    let length = i32::from_be_bytes([rest[8], rest[9], rest[10], rest[11]]);
-                    codecs.push(i16::from_be_bytes([rest[21], rest[22]]) & 7);
-                    rest = rest.get(12 + length.max(0) as usize..).unwrap_or_default();
+                while let Ok(header) = BatchHeader::parse(rest) {
+                    codecs.push(header.compression());
+                    let Some(total) = header.total_bytes() else {
+                        break;
+                    };
+                    rest = rest.get(total..).unwrap_or_default();
                 }
                 if fetched.next_offset <= offset {
                     break;
@@ -454,7 +455,12 @@ fn the_replicators_uplink_in_every_codec_reads_back_with_librdkafka() {
     // provenance header, whatever codec the uplink used.
     const RECORDS: usize = 400;
     let central = start_broker();
-    for (codec, id) in [("gzip", 1), ("snappy", 2), ("lz4", 3), ("zstd", 4)] {
+    for (codec, id) in [
+        ("gzip", Compression::Gzip),
+        ("snappy", Compression::Snappy),
+        ("lz4", Compression::Lz4),
+        ("zstd", Compression::Zstd),
+    ] {
         let edge_id = format!("edge-{codec}");
         let edge = Broker::start(&[
             &format!("mirror.edge_id={edge_id}"),
@@ -489,8 +495,8 @@ fn the_replicators_uplink_in_every_codec_reads_back_with_librdkafka() {
         let (latest, codecs) = native_view(&central, &mirrored);
         assert_eq!(latest, RECORDS as i64, "{codec}: each record once");
         assert!(
-            !codecs.is_empty() && codecs.iter().all(|&batch_codec| batch_codec == id),
-            "{codec}: every batch on the central cluster is compressed with codec {id}: {codecs:?}"
+            !codecs.is_empty() && codecs.iter().all(|&batch_codec| batch_codec == Some(id)),
+            "{codec}: every batch on the central cluster is compressed with {id:?}: {codecs:?}"
         );
         let records = read_partition(&central.kafka_address(), &mirrored, 0, 0, RECORDS);
         for (index, record) in records.iter().enumerate() {

@@ -387,10 +387,7 @@ async fn splice_range(
             .offset_in(position as i64)
             .await?;
         if moved == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "segment shorter than its range",
-            ));
+            return Err(crate::io::direct::shorter_than_range());
         }
         let mut in_pipe = moved;
         while in_pipe > 0 {
