@@ -104,6 +104,15 @@ impl BrokerProcess {
         process_write_bytes(self.pid())
     }
 
+    /// One series of the broker's `/metrics` (name with its labels), or
+    /// `None` when it is not there.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = http_get(&self.admin, "/metrics").ok()?;
+        body.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+    }
+
     /// (current resident KiB, peak resident KiB) from /proc/PID/status.
     pub fn resident_kib(&self) -> anyhow::Result<(u64, u64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;

@@ -758,9 +758,12 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
         .against("loopback", loopback)
         .target(">= 70%")
         .note(format!(
-            "the first read left the segments cached; CPU per GiB: broker {:.2} s, client {:.2} s; median of {} rounds",
+            "the first read left the segments cached; CPU per GiB: broker {:.2} s, client {:.2} s; {} sent with sendfile; median of {} rounds",
             figures.consume_warm_cpu_seconds_per_gib,
             figures.consume_warm_client_cpu_seconds_per_gib,
+            figures
+                .consume_warm_sendfile_share
+                .map_or("unknown share".to_string(), |share| format!("{:.0}%", 100.0 * share)),
             native::WARM_CONSUME_ROUNDS
         )),
     );

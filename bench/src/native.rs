@@ -33,6 +33,9 @@ pub struct ThroughputFigures {
     /// The client library's CPU (this process) per GiB, cold and warm.
     pub consume_client_cpu_seconds_per_gib: f64,
     pub consume_warm_client_cpu_seconds_per_gib: f64,
+    /// Share of the warm rounds' segment bytes the broker sent with
+    /// sendfile (`rill_fetch_sent_bytes_total`), or `None` if not reported.
+    pub consume_warm_sendfile_share: Option<f64>,
     /// The same bytes in four partitions, one fetch in flight per partition.
     pub consume_four_partitions_bytes_per_second: f64,
     pub produce_cpu_seconds_per_gib: f64,
@@ -181,6 +184,9 @@ pub fn throughput(
     // The first read left the segments in the page cache (consumers read
     // buffered): read them again, as a second consumer of the same data
     // would, before the next cold read drops the cache.
+    let fetch_sent =
+        |path: &str| broker.metric(&format!("rill_fetch_sent_bytes_total{{path=\"{path}\"}}"));
+    let sent_before = ["sendfile", "splice", "read"].map(fetch_sent);
     let mut warm_rounds = Vec::new();
     for _ in 0..WARM_CONSUME_ROUNDS {
         let round = runtime.block_on(timed_consume(&broker, "bench"))?;
@@ -191,6 +197,15 @@ pub fn throughput(
         );
         warm_rounds.push(round);
     }
+    let sent_after = ["sendfile", "splice", "read"].map(fetch_sent);
+    let sent: Option<Vec<f64>> = sent_before
+        .iter()
+        .zip(&sent_after)
+        .map(|(before, after)| Some((*after)? - (*before)?))
+        .collect();
+    let consume_warm_sendfile_share = sent
+        .filter(|sent| sent.iter().sum::<f64>() > 0.0)
+        .map(|sent| sent[0] / sent.iter().sum::<f64>());
     warm_rounds.sort_by(|a, b| a.bytes_per_second().total_cmp(&b.bytes_per_second()));
     let warm = &warm_rounds[warm_rounds.len() / 2];
     // The same bytes over four partitions, consumed with four fetches in flight.
@@ -221,6 +236,7 @@ pub fn throughput(
         consume_warm_cpu_seconds_per_gib: warm.broker_cpu / gib,
         consume_client_cpu_seconds_per_gib: cold_read.client_cpu / gib,
         consume_warm_client_cpu_seconds_per_gib: warm.client_cpu / gib,
+        consume_warm_sendfile_share,
         consume_four_partitions_bytes_per_second: appended as f64
             / consume_four_elapsed.as_secs_f64(),
         produce_cpu_seconds_per_gib: produce_cpu / gib,

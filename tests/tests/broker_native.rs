@@ -693,28 +693,118 @@ fn the_cli_produces_consumes_and_manages_topics() {
 }
 
 #[test]
-fn buffered_segments_are_sent_with_splice_byte_for_byte() {
-    // Buffered segments on the io_uring driver go out with splice (file to
-    // pipe to socket, no copy through user space); the portable driver copies.
-    let mut broker = Broker::start(&["node.shards=2", "topic_defaults.direct_io=false"]);
-    runtime().block_on(async {
+fn fetches_go_out_by_sendfile_splice_or_read_byte_for_byte() {
+    // How a fetch's segment bytes reach the socket depends on where they
+    // are: in the page cache, sendfile from the shard thread; buffered
+    // segments not in it, splice on io_uring; direct-I/O segments not in
+    // it, one large read. Each path must carry every byte, and each must be
+    // the one taken (rill_fetch_sent_bytes_total says which).
+    let mut broker = Broker::start(&["node.shards=2"]);
+    let uring = runtime().block_on(async {
         let client = connect(&broker).await;
+        let uring = client.status().await.expect("status").io_driver == "io_uring";
         client
-            .create_topic("spliced", 2, &[])
+            .create_topic("buffered", 2, &[("direct_io".into(), "false".into())])
             .await
-            .expect("create");
-        produce_range(&client, "spliced", 2, 0, 30_000, Acks::Written).await;
-        for partition in 0..2 {
-            check_partition(&client, "spliced", partition, 30_000).await;
-        }
+            .expect("create buffered");
+        client
+            .create_topic("direct", 2, &[])
+            .await
+            .expect("create direct");
+        produce_range(&client, "buffered", 2, 0, 30_000, Acks::Written).await;
+        produce_range(&client, "direct", 2, 0, 30_000, Acks::Written).await;
+        uring
     });
+    // The restart syncs every segment, so their pages are clean and can be
+    // dropped from the cache.
     broker.restart();
+    let cachestat = cachestat_works();
+    let sent = |path: &str| {
+        metric(
+            &broker,
+            &format!("rill_fetch_sent_bytes_total{{path=\"{path}\"}}"),
+        )
+        .expect("fetch path metric")
+    };
+    evict_page_cache(&broker.data_dir);
     runtime().block_on(async {
         let client = connect(&broker).await;
         for partition in 0..2 {
-            check_partition(&client, "spliced", partition, 30_000).await;
+            check_partition(&client, "buffered", partition, 30_000).await;
         }
     });
+    if uring {
+        assert!(
+            sent("splice") > 0.0,
+            "uncached buffered segments are spliced"
+        );
+    }
+    evict_page_cache(&broker.data_dir);
+    let read_before = sent("read");
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        for partition in 0..2 {
+            check_partition(&client, "direct", partition, 30_000).await;
+        }
+    });
+    assert!(
+        sent("read") > read_before,
+        "uncached direct segments are read"
+    );
+    // Both topics were just read through the page cache: now every range
+    // is in it and goes out with sendfile, wherever the kernel can say so.
+    let sendfile_before = sent("sendfile");
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        for topic in ["buffered", "direct"] {
+            for partition in 0..2 {
+                check_partition(&client, topic, partition, 30_000).await;
+            }
+        }
+    });
+    if cachestat {
+        assert!(
+            sent("sendfile") > sendfile_before,
+            "cached segments go out with sendfile"
+        );
+    } else {
+        assert_eq!(sent("sendfile"), 0.0, "no sendfile without cachestat");
+    }
+}
+
+/// Drops the clean pages of every file under `dir` from the page cache.
+fn evict_page_cache(dir: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    for entry in std::fs::read_dir(dir).expect("data dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            evict_page_cache(&path);
+        } else if let Ok(file) = std::fs::File::open(&path) {
+            // SAFETY: fadvise on an open descriptor; no memory is involved.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+}
+
+/// Whether this kernel (or emulator) answers cachestat(2), which the
+/// broker needs before it sends a range with sendfile.
+fn cachestat_works() -> bool {
+    use std::os::fd::AsRawFd;
+    let probe = tempfile::tempfile().expect("probe file");
+    let range = [0u64, 4096];
+    let mut stat = [0u64; 5];
+    // SAFETY: cachestat (451 on every architecture) reads `range` and
+    // writes `stat`, both live and of the kernel's layout.
+    let result = unsafe {
+        libc::syscall(
+            451,
+            probe.as_raw_fd() as libc::c_uint,
+            range.as_ptr(),
+            stat.as_mut_ptr(),
+            0 as libc::c_uint,
+        )
+    };
+    result == 0
 }
 
 /// How much the broker's resident memory grew since `before`, once it stops

@@ -366,6 +366,83 @@ pub(crate) fn queue_answer(
     queued
 }
 
+/// Whether a fetch's segment ranges go to the writer as descriptors, to be
+/// sent there without a copy, rather than read into memory by the request's
+/// task. Never over TLS: rustls needs the bytes. Ranges all in the page
+/// cache: yes, on either driver ([`crate::io::sendfile`]). Otherwise only
+/// buffered segments on io_uring, which the writer splices (the polling
+/// driver would block on splice; direct-I/O segments are not in the page
+/// cache, and one large read beats splicing them in pipe-sized steps).
+pub(crate) fn send_as_ranges(shared: &Shared, direct_io: bool, ranges: &[SendRange]) -> bool {
+    use std::os::fd::AsFd;
+    if shared.tls.is_some() || ranges.is_empty() {
+        return false;
+    }
+    let uring = shared.driver.driver == crate::io::IoDriver::IoUring;
+    (uring && !direct_io)
+        || ranges.iter().all(|range| {
+            crate::io::sendfile::range_cached(range.fd.as_fd(), range.position, range.length)
+                == Some(true)
+        })
+}
+
+/// Sends one file range of an answer the cheapest way it can go: with
+/// sendfile when it is in the page cache (and the socket could be made
+/// non-blocking),
+/// else spliced through `pipe` on io_uring, else read into memory and
+/// written.
+async fn send_file_range(
+    stream: &TcpStream,
+    sender: &RangeSender,
+    pipe: &mut Option<(compio::fs::pipe::Receiver, compio::fs::pipe::Sender)>,
+    range: SendRange,
+) -> std::io::Result<()> {
+    use super::metrics::FetchPath;
+    use std::os::fd::AsFd;
+    let length = range.length;
+    if let Some(poll) = &sender.poll
+        && crate::io::sendfile::range_cached(range.fd.as_fd(), range.position, length) == Some(true)
+    {
+        crate::io::sendfile::send_range(poll, range.fd.as_fd(), range.position, length).await?;
+        sender
+            .shared
+            .metrics
+            .record_fetch_sent(FetchPath::Sendfile, length);
+        return Ok(());
+    }
+    if sender.splice {
+        if pipe.is_none() {
+            *pipe = Some(splice_pipe().await?);
+        }
+        if let Some(pipe) = pipe.as_ref() {
+            splice_range(stream, sender.poll.as_ref(), pipe, range).await?;
+            sender
+                .shared
+                .metrics
+                .record_fetch_sent(FetchPath::Splice, length);
+            return Ok(());
+        }
+    }
+    let bytes = read_ranges_async(vec![range]).await?;
+    let mut stream = stream;
+    stream.write_all(bytes).await.0?;
+    sender
+        .shared
+        .metrics
+        .record_fetch_sent(FetchPath::Read, length);
+    Ok(())
+}
+
+/// What a connection's writer needs to send file ranges.
+struct RangeSender {
+    /// A poll handle on the socket, made non-blocking so a full socket
+    /// buffer cannot block the shard in sendfile (`None` if that failed).
+    poll: Option<compio::runtime::fd::PollFd<std::os::fd::OwnedFd>>,
+    /// The driver is io_uring: ranges not in the page cache are spliced.
+    splice: bool,
+    shared: Arc<Shared>,
+}
+
 /// Bytes a connection's splice pipe holds (it is resized to this).
 const PIPE_BYTES: usize = 1024 * 1024;
 
@@ -373,6 +450,7 @@ const PIPE_BYTES: usize = 1024 * 1024;
 /// go from the page cache to the socket without entering user space.
 async fn splice_range(
     stream: &TcpStream,
+    poll: Option<&compio::runtime::fd::PollFd<std::os::fd::OwnedFd>>,
     pipe: &(compio::fs::pipe::Receiver, compio::fs::pipe::Sender),
     range: SendRange,
 ) -> std::io::Result<()> {
@@ -391,7 +469,19 @@ async fn splice_range(
         }
         let mut in_pipe = moved;
         while in_pipe > 0 {
-            let sent = compio::fs::pipe::splice(&pipe.0, stream, in_pipe).await?;
+            let sent = match compio::fs::pipe::splice(&pipe.0, stream, in_pipe).await {
+                Ok(sent) => sent,
+                // A non-blocking socket (see `poll_handle`) with a full
+                // buffer: wait for room, then splice the rest.
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    let Some(poll) = poll else {
+                        return Err(error);
+                    };
+                    poll.write_ready().await?;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             if sent == 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::WriteZero,
@@ -445,7 +535,14 @@ pub(crate) async fn write_loop(
     let mut outgoing: AnswerStream<'_> = Box::pin(outgoing);
     match tls {
         Some(session) => write_answers_tls(stream, &mut outgoing, &in_flight, &session).await,
-        None => write_answers(stream, &mut outgoing, &in_flight).await,
+        None => {
+            let sender = RangeSender {
+                poll: None,
+                splice: shared.driver.driver == crate::io::IoDriver::IoUring,
+                shared: shared.clone(),
+            };
+            write_answers(stream, &mut outgoing, &in_flight, sender).await
+        }
     }
     // Whatever is still queued is dropped: give its bytes back.
     while let Some(Some(_)) = outgoing.next().now_or_never() {}
@@ -556,9 +653,11 @@ async fn write_answers(
     mut stream: TcpStream,
     outgoing: &mut AnswerStream<'_>,
     in_flight: &InFlight,
+    mut sender: RangeSender,
 ) {
     let mut pending: Vec<u8> = Vec::new();
     let mut pipe = None;
+    let mut polled = false;
     // Requests whose answers sit in `pending`, finished once it is written.
     let mut answered = 0u32;
     while let Some(first) = outgoing.next().await {
@@ -591,20 +690,15 @@ async fn write_answers(
                     {
                         return;
                     }
-                    if pipe.is_none() {
-                        match splice_pipe().await {
-                            Ok(created) => pipe = Some(created),
-                            Err(error) => {
-                                tracing::warn!(%error, "no pipe for zero-copy sends; closing the connection");
-                                return;
-                            }
-                        }
+                    if !polled {
+                        use std::os::fd::AsFd;
+                        sender.poll = crate::io::sendfile::poll_handle(stream.as_fd());
+                        polled = true;
                     }
-                    let Some(splice) = pipe.as_ref() else {
-                        return;
-                    };
                     for range in ranges {
-                        if let Err(error) = splice_range(&stream, splice, range).await {
+                        if let Err(error) =
+                            send_file_range(&stream, &sender, &mut pipe, range).await
+                        {
                             tracing::debug!(%error, "sending a file range failed");
                             return;
                         }
@@ -975,13 +1069,9 @@ impl FrameHandler for Connection {
                 // produce are small) and decodes its request from it.
                 let body = body.to_vec();
                 let view = self.view.clone();
-                // Splice needs the io_uring driver (the polling fallback would
-                // block on it), and TLS needs the bytes in rustls.
-                let zero_copy = self.shared.tls.is_none()
-                    && self.shared.driver.driver == crate::io::IoDriver::IoUring;
                 crate::io::home::spawn(async move {
                     let answered = match RequestFrame::decode(&body) {
-                        Ok(frame) => answer(&shared, &view, frame.request, zero_copy).await,
+                        Ok(frame) => answer(&shared, &view, frame.request).await,
                         Err(error) => {
                             Err(OpError::new(ErrorCode::InvalidRequest, error.to_string()))
                         }
@@ -1263,7 +1353,6 @@ async fn answer(
     shared: &Shared,
     view: &TopicView,
     request: Request<'_>,
-    zero_copy: bool,
 ) -> Result<FrameBuilder, OpError> {
     let limits = &shared.config.limits;
     Ok(match request {
@@ -1278,10 +1367,7 @@ async fn answer(
         } => {
             let started = Instant::now();
             let owner = owner_of(shared, view, topic, partition)?;
-            // Segments written with direct I/O are not in the page cache: one
-            // large read beats splicing from the disk in pipe-sized steps.
-            // Buffered segments are, and splice sends them without a copy.
-            let splice = zero_copy && !topic_meta(view, topic)?.settings.direct_io;
+            let direct_io = topic_meta(view, topic)?.settings.direct_io;
             let max_bytes = u64::from(max_bytes.min(limits.fetch_bytes_max).max(1));
             let max_wait =
                 Duration::from_millis(u64::from(max_wait_ms).min(limits.fetch_wait_ms_max));
@@ -1294,7 +1380,11 @@ async fn answer(
                 max_wait,
             };
             let mut data = fetch_with_wait(shared, request).await?;
-            if !splice && !data.ranges.is_empty() {
+            if !send_as_ranges(shared, direct_io, &data.ranges) && !data.ranges.is_empty() {
+                let read: u64 = data.ranges.iter().map(|range| range.length).sum();
+                shared
+                    .metrics
+                    .record_fetch_sent(super::metrics::FetchPath::Read, read);
                 let mut bytes = read_ranges_async(std::mem::take(&mut data.ranges))
                     .await
                     .map_err(|error| {

@@ -74,6 +74,19 @@ struct ShardCounters {
     fetched_bytes: AtomicU64,
 }
 
+/// How a fetch's segment bytes reached the socket.
+#[derive(Debug, Clone, Copy)]
+pub enum FetchPath {
+    /// `sendfile` from the page cache: no copy on the broker's side.
+    Sendfile = 0,
+    /// Spliced through a pipe on io_uring: no copy through user space.
+    Splice = 1,
+    /// Read into memory, then written: two copies.
+    Read = 2,
+}
+
+const FETCH_PATHS: [&str; 3] = ["sendfile", "splice", "read"];
+
 /// Everything `/metrics` reports that is not read from the shards' statistics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -82,6 +95,8 @@ pub struct Metrics {
     pub fetch_latency: Histogram,
     pub connections_rejected: AtomicU64,
     pub frames_rejected: AtomicU64,
+    /// Segment bytes sent to fetchers, by [`FetchPath`].
+    fetch_sent_bytes: [AtomicU64; FETCH_PATHS.len()],
     /// Kafka requests by API key (index = key; keys past the end are not counted).
     kafka_requests: Vec<AtomicU64>,
     evicted_records: Mutex<BTreeMap<(String, u32), u64>>,
@@ -119,6 +134,7 @@ impl Metrics {
             fetch_latency: Histogram::default(),
             connections_rejected: AtomicU64::new(0),
             frames_rejected: AtomicU64::new(0),
+            fetch_sent_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
             kafka_requests: (0..KAFKA_API_KEYS).map(|_| AtomicU64::new(0)).collect(),
             evicted_records: Mutex::new(BTreeMap::new()),
         }
@@ -148,6 +164,10 @@ impl Metrics {
         }
     }
 
+    pub fn record_fetch_sent(&self, path: FetchPath, bytes: u64) {
+        self.fetch_sent_bytes[path as usize].fetch_add(bytes, Ordering::Relaxed);
+    }
+
     pub fn record_eviction(&self, topic: &str, partition: u32, records: u64) {
         let mut evicted = self
             .evicted_records
@@ -170,6 +190,17 @@ impl Metrics {
                     .map_or_else(|()| format!("{key}"), |api| format!("{api:?}"));
                 let _ = writeln!(out, "rill_kafka_requests_total{{api=\"{api}\"}} {count}");
             }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP rill_fetch_sent_bytes_total Segment bytes sent to fetchers, by how: sendfile from the page cache, spliced, or read into memory.\n# TYPE rill_fetch_sent_bytes_total counter"
+        );
+        for (path, counter) in FETCH_PATHS.iter().zip(&self.fetch_sent_bytes) {
+            let _ = writeln!(
+                out,
+                "rill_fetch_sent_bytes_total{{path=\"{path}\"}} {}",
+                counter.load(Ordering::Relaxed)
+            );
         }
         let _ = writeln!(
             out,

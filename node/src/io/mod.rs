@@ -9,6 +9,7 @@
 pub mod direct;
 pub mod home;
 mod probe;
+pub mod sendfile;
 mod uring;
 
 use std::fmt;

@@ -18,13 +18,15 @@ use rill_protocol::OffsetSpec;
 use super::connection::Context;
 use super::errors;
 use super::produce::encode;
-use crate::broker::connection::{Outgoing, owner_of, read_ranges_async};
+use crate::broker::Shared;
+use crate::broker::connection::{Outgoing, owner_of, read_ranges_async, send_as_ranges};
+use crate::broker::metrics::FetchPath;
 use crate::broker::shard::{FetchData, SendRange, ShardOp};
-use crate::io::IoDriver;
 
 struct Wanted {
-    /// Send this partition's segment ranges without copying them.
-    splice: bool,
+    /// The topic's segments are written with direct I/O (see
+    /// [`send_as_ranges`]).
+    direct_io: bool,
     topic: usize,
     partition: i32,
     offset: i64,
@@ -83,11 +85,6 @@ pub(crate) async fn fetch(
             .into_iter()
             .collect();
     }
-    // Splice needs the io_uring driver (the polling fallback would block
-    // on it) and no TLS (rustls needs the bytes); segments written with
-    // direct I/O are not in the page cache, so one large read beats
-    // splicing them in pipe-sized steps.
-    let zero_copy = shared.tls.is_none() && shared.driver.driver == IoDriver::IoUring;
     let response_max = u64::try_from(request.max_bytes)
         .unwrap_or(0)
         .clamp(1, u64::from(limits.fetch_bytes_max));
@@ -111,14 +108,13 @@ pub(crate) async fn fetch(
                     owner_of(shared, &context.view, name, index)
                         .map_err(|error| errors::code_of(&error))
                 });
-            let splice = zero_copy
-                && context
-                    .view
-                    .table
-                    .get(name)
-                    .is_some_and(|meta| !meta.settings.direct_io);
+            let direct_io = context
+                .view
+                .table
+                .get(name)
+                .is_none_or(|meta| meta.settings.direct_io);
             wanted.push(Wanted {
-                splice,
+                direct_io,
                 topic: topic_index,
                 partition: partition.partition,
                 offset: partition.fetch_offset,
@@ -341,7 +337,7 @@ async fn read_all(
             })
             .await;
         let got = match fetched {
-            Ok(Ok(data)) if want.splice => Got {
+            Ok(Ok(data)) if send_as_ranges(shared, want.direct_io, &data.ranges) => Got {
                 error_code: errors::NONE,
                 high_watermark: data.high_watermark,
                 log_start_offset: data.log_start_offset,
@@ -350,7 +346,7 @@ async fn read_all(
                 ranges: data.ranges,
                 tail: data.bytes,
             },
-            Ok(Ok(data)) => gather(data).await,
+            Ok(Ok(data)) => gather(shared, data).await,
             Ok(Err(error)) | Err(error) => Got::error(errors::code_of(&error)),
         };
         used += got.bytes();
@@ -360,10 +356,12 @@ async fn read_all(
 }
 
 /// One fetch's batches in memory: file ranges read, then the buffered tail.
-async fn gather(mut data: FetchData) -> Got {
+async fn gather(shared: &Shared, mut data: FetchData) -> Got {
     let mut bytes = if data.ranges.is_empty() {
         Vec::new()
     } else {
+        let read: u64 = data.ranges.iter().map(|range| range.length).sum();
+        shared.metrics.record_fetch_sent(FetchPath::Read, read);
         match read_ranges_async(std::mem::take(&mut data.ranges)).await {
             Ok(bytes) => bytes,
             Err(error) => {
