@@ -179,6 +179,7 @@ pub fn throughput(
     // Cold reads start as the disk limit's do: written data synced, the page
     // cache dropped, so the produce just finished does not weigh on them.
     let mut cold = crate::machine::drop_page_cache();
+    eprintln!("native consume: page cache cold");
     let cold_read = runtime.block_on(timed_consume(&broker, "bench"))?;
     let consumed = cold_read.bytes;
     // The first read left the segments in the page cache (consumers read
@@ -188,7 +189,8 @@ pub fn throughput(
         |path: &str| broker.metric(&format!("rill_fetch_sent_bytes_total{{path=\"{path}\"}}"));
     let sent_before = ["sendfile", "splice", "read"].map(fetch_sent);
     let mut warm_rounds = Vec::new();
-    for _ in 0..WARM_CONSUME_ROUNDS {
+    for round in 1..=WARM_CONSUME_ROUNDS {
+        eprintln!("native consume: page cache warm, round {round}/{WARM_CONSUME_ROUNDS}");
         let round = runtime.block_on(timed_consume(&broker, "bench"))?;
         anyhow::ensure!(
             round.bytes == consumed,
@@ -209,6 +211,7 @@ pub fn throughput(
     warm_rounds.sort_by(|a, b| a.bytes_per_second().total_cmp(&b.bytes_per_second()));
     let warm = &warm_rounds[warm_rounds.len() / 2];
     // The same bytes over four partitions, consumed with four fetches in flight.
+    eprintln!("native consume: 4 partitions, page cache cold");
     let consume_four_elapsed = runtime.block_on(async {
         let client = connect(&broker).await?;
         client.create_topic("bench4", 4, &[]).await?;
