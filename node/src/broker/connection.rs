@@ -423,9 +423,19 @@ async fn send_file_range(
             return Ok(());
         }
     }
-    let bytes = read_ranges_async(vec![range]).await?;
-    let mut stream = stream;
-    stream.write_all(bytes).await.0?;
+    // Read into memory after all (the range left the page cache since the
+    // answer was made, or the driver cannot splice): the bytes count
+    // against the buffer budget while they are held.
+    let budget = &sender.shared.buffers;
+    budget.take(length);
+    let sent = async {
+        let bytes = read_ranges_async(vec![range]).await?;
+        let mut stream = stream;
+        stream.write_all(bytes).await.0
+    }
+    .await;
+    budget.give_back(length);
+    sent?;
     sender
         .shared
         .metrics
