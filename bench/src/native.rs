@@ -29,6 +29,10 @@ pub struct ThroughputFigures {
     /// The same partition read again with its segments in the page cache (a
     /// second consumer of recent data): median of [`WARM_CONSUME_ROUNDS`].
     pub consume_warm_bytes_per_second: f64,
+    /// Each warm round's speed and the loopback limit measured right before
+    /// it, in bytes per second: the ratio is taken round by round, so a slow
+    /// moment of the host is slow for both.
+    pub consume_warm_rounds: Vec<(f64, f64)>,
     pub consume_warm_cpu_seconds_per_gib: f64,
     /// The client library's CPU (this process) per GiB, cold and warm.
     pub consume_client_cpu_seconds_per_gib: f64,
@@ -189,8 +193,12 @@ pub fn throughput(
         |path: &str| broker.metric(&format!("rill_fetch_sent_bytes_total{{path=\"{path}\"}}"));
     let sent_before = ["sendfile", "splice", "read"].map(fetch_sent);
     let mut warm_rounds = Vec::new();
+    let mut warm_loopback = Vec::new();
     for round in 1..=WARM_CONSUME_ROUNDS {
         eprintln!("native consume: page cache warm, round {round}/{WARM_CONSUME_ROUNDS}");
+        warm_loopback.push(crate::limits::loopback_tcp_bandwidth(
+            consumed.min(1 << 30),
+        )?);
         let round = runtime.block_on(timed_consume(&broker, "bench"))?;
         anyhow::ensure!(
             round.bytes == consumed,
@@ -208,6 +216,11 @@ pub fn throughput(
     let consume_warm_sendfile_share = sent
         .filter(|sent| sent.iter().sum::<f64>() > 0.0)
         .map(|sent| sent[0] / sent.iter().sum::<f64>());
+    let consume_warm_rounds = warm_rounds
+        .iter()
+        .map(TimedConsume::bytes_per_second)
+        .zip(warm_loopback)
+        .collect();
     warm_rounds.sort_by(|a, b| a.bytes_per_second().total_cmp(&b.bytes_per_second()));
     let warm = &warm_rounds[warm_rounds.len() / 2];
     // The same bytes over four partitions, consumed with four fetches in flight.
@@ -236,6 +249,7 @@ pub fn throughput(
         produce_bytes_per_second: appended as f64 / produce_elapsed.as_secs_f64(),
         consume_bytes_per_second: cold_read.bytes_per_second(),
         consume_warm_bytes_per_second: warm.bytes_per_second(),
+        consume_warm_rounds,
         consume_warm_cpu_seconds_per_gib: warm.broker_cpu / gib,
         consume_client_cpu_seconds_per_gib: cold_read.client_cpu / gib,
         consume_warm_client_cpu_seconds_per_gib: warm.client_cpu / gib,
