@@ -388,9 +388,8 @@ pub(crate) fn send_as_ranges(shared: &Shared, direct_io: bool, ranges: &[SendRan
 
 /// Sends one file range of an answer the cheapest way it can go: with
 /// sendfile when it is in the page cache (and the socket could be made
-/// non-blocking),
-/// else spliced through `pipe` on io_uring, else read into memory and
-/// written.
+/// non-blocking), else spliced through `pipe` on io_uring, else read into
+/// memory and written.
 async fn send_file_range(
     stream: &TcpStream,
     sender: &RangeSender,
