@@ -23,13 +23,22 @@ pub enum Acks {
     Durable,
 }
 
+/// Writes a byte field as bytes: a length, then the bytes in one copy.
+/// Serde's default for `[u8]` is a sequence, serialised one `u8` at a time;
+/// postcard puts the same bytes on the wire either way, but a produce's
+/// 64 KiB batch cost a call per byte, twice (sizing the frame, then writing
+/// it): two thirds of a producer's CPU. Decoding borrows bytes already.
+fn as_bytes<S: serde::Serializer>(bytes: &&[u8], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_bytes(bytes)
+}
+
 /// Which partition a produce goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Target<'a> {
     Partition(u32),
     /// Kafka's default partitioner: murmur2 of the key, so a key lands on the
     /// same partition whichever protocol wrote it.
-    Key(&'a [u8]),
+    Key(#[serde(serialize_with = "as_bytes")] &'a [u8]),
     /// The broker picks, spreading batches over the partitions.
     Any,
 }
@@ -99,6 +108,7 @@ pub enum Request<'a> {
         topic: &'a str,
         target: Target<'a>,
         acks: Acks,
+        #[serde(serialize_with = "as_bytes")]
         batch: &'a [u8],
     },
     /// Reads whole batches from `offset`; waits up to `max_wait_ms` for at

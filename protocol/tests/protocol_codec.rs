@@ -42,6 +42,43 @@ fn produce_frame_bytes() {
 }
 
 #[test]
+fn byte_fields_keep_the_wire_format_of_a_sequence_of_bytes() {
+    // Batches and keys are written as bytes (one copy) rather than as a
+    // sequence of u8 (a call per byte): the bytes on the wire must be what
+    // a sequence gives, so peers built before the change read them.
+    let batch: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+    let key: Vec<u8> = (0..200u32).map(|i| (i * 7) as u8).collect();
+    let frame = RequestFrame {
+        correlation_id: 1,
+        request: Request::Produce {
+            topic: "t",
+            target: Target::Key(&key),
+            acks: Acks::Written,
+            batch: &batch,
+        },
+    };
+    let mut out = Vec::new();
+    encode_frame_vec(&frame, 0, &mut out);
+    let as_sequence = |bytes: &[u8]| {
+        let items: Vec<u8> = bytes.to_vec();
+        postcard::to_allocvec(&items).expect("sequence")
+    };
+    let key_sequence = as_sequence(&key);
+    let batch_sequence = as_sequence(&batch);
+    assert!(
+        out.ends_with(&batch_sequence),
+        "batch encoded as a sequence"
+    );
+    assert!(
+        out.windows(key_sequence.len())
+            .any(|window| window == key_sequence),
+        "key encoded as a sequence"
+    );
+    let (body, _) = split_frame(&out, 4096).expect("frame").expect("whole");
+    assert_eq!(RequestFrame::decode(body), Ok(frame));
+}
+
+#[test]
 fn fetch_response_carries_raw_batches_after_the_message() {
     let frame = ResponseFrame {
         correlation_id: 9,
