@@ -621,6 +621,53 @@ fn a_client_that_never_reads_cannot_grow_the_brokers_memory() {
 }
 
 #[test]
+fn a_fetcher_that_hangs_up_mid_answer_leaves_the_broker_serving() {
+    // Cached answers go out with sendfile from the shard thread; a peer
+    // that hangs up while one is in flight must cost its connection only
+    // (sendfile to a closed socket raises SIGPIPE unless it is ignored).
+    let mut broker = Broker::start(&["node.shards=1"]);
+    produce_one_mebibyte(&broker, "big");
+    // After a restart the batch is in the segment file, not the write
+    // buffer; one read brings it into the page cache.
+    broker.restart();
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        let fetched = client
+            .fetch("big", 0, 0, 2 << 20, 1, 0)
+            .await
+            .expect("warm-up fetch");
+        assert!(fetched.batches.len() > 1_000_000);
+    });
+    let sendfile = "rill_fetch_sent_bytes_total{path=\"sendfile\"}";
+    let before = metric(&broker, sendfile).expect("sendfile metric");
+    // Sixteen answers of 1 MiB: more than the socket buffers hold.
+    let mut fetcher = stalled_fetcher(&broker, "big", 16);
+    fetcher.set_nonblocking(false).expect("blocking");
+    let mut some = [0u8; 4096];
+    std::io::Read::read_exact(&mut fetcher, &mut some).expect("the answer starts");
+    if cachestat_works() {
+        rill_tests::wait_until("a sendfile answer", Duration::from_secs(30), || {
+            metric(&broker, sendfile).is_some_and(|now| now > before)
+        });
+    }
+    drop(fetcher);
+    rill_tests::wait_until(
+        "the hung-up connection to close",
+        Duration::from_secs(30),
+        || metric(&broker, "rill_connections") == Some(0.0),
+    );
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        client.ping().await.expect("ping after a fetcher hung up");
+        let fetched = client
+            .fetch("big", 0, 0, 2 << 20, 1, 0)
+            .await
+            .expect("fetch after a fetcher hung up");
+        assert!(fetched.batches.len() > 1_000_000);
+    });
+}
+
+#[test]
 fn the_cli_produces_consumes_and_manages_topics() {
     let broker = Broker::start(&["node.shards=2"]);
     let rill = |arguments: &[&str], input: Option<&str>| {
