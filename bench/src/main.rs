@@ -750,44 +750,40 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
     );
     // Each warm round is compared with a loopback measurement taken right
     // before it: the ratio is the median of the per-round ratios.
-    let warm_value = gib_per_second(figures.consume_warm_bytes_per_second);
-    let mut warm_ratios: Vec<f64> = figures
+    let mut warm = Samples::default();
+    for (speed, limit) in &figures.consume_warm_rounds {
+        warm.push(
+            gib_per_second(*speed),
+            gib_per_second(*limit),
+            String::new(),
+        );
+    }
+    let per_round = figures
         .consume_warm_rounds
         .iter()
-        .map(|(speed, limit)| speed / limit)
-        .collect();
-    let per_round = warm_ratios
-        .iter()
-        .map(|ratio| format!("{:.0}%", 100.0 * ratio))
+        .map(|(speed, limit)| format!("{:.0}%", 100.0 * speed / limit))
         .collect::<Vec<_>>()
         .join(", ");
-    let mut warm_limits: Vec<f64> = figures
-        .consume_warm_rounds
-        .iter()
-        .map(|(_, limit)| gib_per_second(*limit))
-        .collect();
-    let mut warm_row = Row::new(
+    let warm_row = warm.row(
         "native consume of data on disk, page cache warm (a second reader of the same partition), 4 MiB fetches",
         "broker",
-        warm_value,
-        "GiB/s",
-    )
-    .against("loopback", median(&mut warm_limits))
-    .target(">= 70%")
-    .note(format!(
-        "the first read left the segments cached; CPU per GiB: broker {:.2} s, client {:.2} s; {} sent with sendfile; median of {} rounds, each right after a loopback measurement of its own, the ratio the median of per-round ratios ({per_round}); {:.0}% of the best loopback above",
+        "loopback",
+        ">= 70%",
+    );
+    let warm_note = format!(
+        "the first read left the segments cached; CPU per GiB: broker {:.2} s, client {:.2} s; {} sent with sendfile; each round right after a loopback measurement of its own, the ratio the median of per-round ratios ({per_round}); {:.0}% of the best loopback above{}",
         figures.consume_warm_cpu_seconds_per_gib,
         figures.consume_warm_client_cpu_seconds_per_gib,
         figures
             .consume_warm_sendfile_share
-            .map_or("unknown share".to_string(), |share| format!("{:.0}%", 100.0 * share)),
-        native::WARM_CONSUME_ROUNDS,
-        100.0 * warm_value / loopback
-    ));
-    if !warm_ratios.is_empty() {
-        warm_row.ratio = Some(median(&mut warm_ratios));
-    }
-    rows.push(warm_row);
+            .map_or("unknown share".to_string(), |share| format!(
+                "{:.0}%",
+                100.0 * share
+            )),
+        100.0 * warm_row.value / loopback,
+        warm_row.note
+    );
+    rows.push(warm_row.note(warm_note));
     rows.push(
         Row::new(
             "broker peak resident memory under that load",

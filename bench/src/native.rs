@@ -27,11 +27,9 @@ pub struct ThroughputFigures {
     pub produce_bytes_per_second: f64,
     pub consume_bytes_per_second: f64,
     /// The same partition read again with its segments in the page cache (a
-    /// second consumer of recent data): median of [`WARM_CONSUME_ROUNDS`].
-    pub consume_warm_bytes_per_second: f64,
-    /// Each warm round's speed and the loopback limit measured right before
-    /// it, in bytes per second: the ratio is taken round by round, so a slow
-    /// moment of the host is slow for both.
+    /// second consumer of recent data), [`WARM_CONSUME_ROUNDS`] times: each
+    /// round's speed and the loopback limit measured right before it, in
+    /// bytes per second, so a slow moment of the host is slow for both.
     pub consume_warm_rounds: Vec<(f64, f64)>,
     pub consume_warm_cpu_seconds_per_gib: f64,
     /// The client library's CPU (this process) per GiB, cold and warm.
@@ -191,7 +189,9 @@ pub fn throughput(
     // would, before the next cold read drops the cache.
     let fetch_sent =
         |path: &str| broker.metric(&format!("rill_fetch_sent_bytes_total{{path=\"{path}\"}}"));
-    let sent_before = ["sendfile", "splice", "read"].map(fetch_sent);
+    // The broker's fetch paths (`rill_fetch_sent_bytes_total`), sendfile first.
+    const FETCH_PATHS: [&str; 3] = ["sendfile", "splice", "read"];
+    let sent_before = FETCH_PATHS.map(fetch_sent);
     let mut warm_rounds = Vec::new();
     let mut warm_loopback = Vec::new();
     for round in 1..=WARM_CONSUME_ROUNDS {
@@ -207,7 +207,7 @@ pub fn throughput(
         );
         warm_rounds.push(round);
     }
-    let sent_after = ["sendfile", "splice", "read"].map(fetch_sent);
+    let sent_after = FETCH_PATHS.map(fetch_sent);
     let sent: Option<Vec<f64>> = sent_before
         .iter()
         .zip(&sent_after)
@@ -248,7 +248,6 @@ pub fn throughput(
     Ok(ThroughputFigures {
         produce_bytes_per_second: appended as f64 / produce_elapsed.as_secs_f64(),
         consume_bytes_per_second: cold_read.bytes_per_second(),
-        consume_warm_bytes_per_second: warm.bytes_per_second(),
         consume_warm_rounds,
         consume_warm_cpu_seconds_per_gib: warm.broker_cpu / gib,
         consume_client_cpu_seconds_per_gib: cold_read.client_cpu / gib,

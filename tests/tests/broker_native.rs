@@ -846,22 +846,9 @@ fn evict_page_cache(dir: &std::path::Path) {
 /// Whether this kernel (or emulator) answers cachestat(2), which the
 /// broker needs before it sends a range with sendfile.
 fn cachestat_works() -> bool {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
     let probe = tempfile::tempfile().expect("probe file");
-    let range = [0u64, 4096];
-    let mut stat = [0u64; 5];
-    // SAFETY: cachestat (451 on every architecture) reads `range` and
-    // writes `stat`, both live and of the kernel's layout.
-    let result = unsafe {
-        libc::syscall(
-            451,
-            probe.as_raw_fd() as libc::c_uint,
-            range.as_ptr(),
-            stat.as_mut_ptr(),
-            0 as libc::c_uint,
-        )
-    };
-    result == 0
+    rill_node::io::sendfile::range_cached(probe.as_fd(), 0, 4096).is_some()
 }
 
 /// How much the broker's resident memory grew since `before`, once it stops

@@ -428,18 +428,13 @@ async fn send_file_range(
     let budget = &sender.shared.buffers;
     budget.take(length);
     let sent = async {
-        let bytes = read_ranges_async(vec![range]).await?;
+        let bytes = read_fetch_ranges(&sender.shared, vec![range]).await?;
         let mut stream = stream;
         stream.write_all(bytes).await.0
     }
     .await;
     budget.give_back(length);
-    sent?;
-    sender
-        .shared
-        .metrics
-        .record_fetch_sent(FetchPath::Read, length);
-    Ok(())
+    sent
 }
 
 /// What a connection's writer needs to send file ranges.
@@ -560,6 +555,19 @@ pub(crate) async fn write_loop(
 
 /// The writer's view of its queue.
 type AnswerStream<'a> = std::pin::Pin<Box<dyn futures_util::Stream<Item = Answer> + 'a>>;
+
+/// A fetch's segment ranges read into memory to be written (the `read`
+/// path of `rill_fetch_sent_bytes_total`).
+pub(crate) async fn read_fetch_ranges(
+    shared: &Shared,
+    ranges: Vec<SendRange>,
+) -> std::io::Result<Vec<u8>> {
+    let length: u64 = ranges.iter().map(|range| range.length).sum();
+    shared
+        .metrics
+        .record_fetch_sent(super::metrics::FetchPath::Read, length);
+    read_ranges_async(ranges).await
+}
 
 /// Reads file ranges into one buffer through the shard's I/O driver (one
 /// large read per range).
@@ -1390,11 +1398,7 @@ async fn answer(
             };
             let mut data = fetch_with_wait(shared, request).await?;
             if !send_as_ranges(shared, direct_io, &data.ranges) && !data.ranges.is_empty() {
-                let read: u64 = data.ranges.iter().map(|range| range.length).sum();
-                shared
-                    .metrics
-                    .record_fetch_sent(super::metrics::FetchPath::Read, read);
-                let mut bytes = read_ranges_async(std::mem::take(&mut data.ranges))
+                let mut bytes = read_fetch_ranges(shared, std::mem::take(&mut data.ranges))
                     .await
                     .map_err(|error| {
                         OpError::new(

@@ -19,8 +19,7 @@ use super::connection::Context;
 use super::errors;
 use super::produce::encode;
 use crate::broker::Shared;
-use crate::broker::connection::{Outgoing, owner_of, read_ranges_async, send_as_ranges};
-use crate::broker::metrics::FetchPath;
+use crate::broker::connection::{Outgoing, owner_of, read_fetch_ranges, send_as_ranges};
 use crate::broker::shard::{FetchData, SendRange, ShardOp};
 
 struct Wanted {
@@ -360,9 +359,7 @@ async fn gather(shared: &Shared, mut data: FetchData) -> Got {
     let mut bytes = if data.ranges.is_empty() {
         Vec::new()
     } else {
-        let read: u64 = data.ranges.iter().map(|range| range.length).sum();
-        shared.metrics.record_fetch_sent(FetchPath::Read, read);
-        match read_ranges_async(std::mem::take(&mut data.ranges)).await {
+        match read_fetch_ranges(shared, std::mem::take(&mut data.ranges)).await {
             Ok(bytes) => bytes,
             Err(error) => {
                 tracing::warn!(%error, "reading a segment for a Kafka fetch failed");
