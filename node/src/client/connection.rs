@@ -289,6 +289,7 @@ async fn read_responses(
     tls: Option<crate::tls::TlsSession>,
 ) {
     let mut buffer: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+    let mut low_water = LowWater::default();
     let reason = loop {
         let mut consumed = 0;
         let split = loop {
@@ -333,6 +334,9 @@ async fn read_responses(
                 .saturating_sub(buffer.len())
                 .max(READ_CHUNK_BYTES / 4),
         );
+        if tls.is_none() {
+            low_water.set(&stream, wanted.saturating_sub(buffer.len()));
+        }
         let flush = || {
             let _ = connection.writes.unbounded_send(WriteJob::Flush);
         };
@@ -348,6 +352,64 @@ async fn read_responses(
         }
     };
     connection.close(reason);
+}
+
+/// The socket's receive low-water mark (`SO_RCVLOWAT`), raised while the
+/// rest of a large frame is on its way.
+///
+/// Without it the kernel wakes the reader for every segment that arrives,
+/// and a 4 MiB fetch answer comes in as dozens of small reads; on loopback
+/// each wake-up is paid on the broker's thread, which delivers the segments.
+/// With the mark at the bytes the frame still lacks (at most
+/// [`LOW_WATER_BYTES_MAX`]) the reader sleeps until that much has arrived.
+/// It never exceeds what the broker is about to send, so it cannot wait for
+/// bytes that will not come; a closed connection wakes it too.
+#[derive(Default)]
+struct LowWater {
+    /// The mark set on the socket (0: the kernel's default, one byte).
+    set: usize,
+}
+
+/// Bytes of a frame still to come above which the low-water mark is raised.
+const LOW_WATER_BYTES_MIN: usize = 128 * 1024;
+/// Highest low-water mark: the kernel grows the receive buffer to twice it.
+const LOW_WATER_BYTES_MAX: usize = 1024 * 1024;
+
+impl LowWater {
+    /// Sets the mark for a read that waits for `missing` more bytes of a
+    /// frame (0: a new frame, whose size is not known yet).
+    fn set(&mut self, stream: &TcpStream, missing: usize) {
+        use std::os::fd::AsRawFd;
+        let mark = low_water_mark(missing);
+        if mark == self.set {
+            return;
+        }
+        let value = libc::c_int::try_from(mark.max(1)).unwrap_or(1);
+        // SAFETY: setsockopt reads `value` (a live c_int) on an open socket.
+        let result = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                std::ptr::from_ref(&value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        // A refusal only costs the saving: reads then wake per segment.
+        if result == 0 {
+            self.set = mark;
+        }
+    }
+}
+
+/// The low-water mark for a read that waits for `missing` more bytes of a
+/// frame: never more than will come, 0 (the default) for small remainders.
+pub(super) fn low_water_mark(missing: usize) -> usize {
+    if missing >= LOW_WATER_BYTES_MIN {
+        missing.min(LOW_WATER_BYTES_MAX)
+    } else {
+        0
+    }
 }
 
 /// Cuts the first `used` bytes (one whole frame) off `buffer` and returns

@@ -553,6 +553,91 @@ fn large_fetch_answers_arriving_back_to_back_each_reach_their_caller_intact() {
 }
 
 #[test]
+fn the_low_water_mark_never_asks_for_more_than_the_frame_still_lacks() {
+    assert_eq!(connection::low_water_mark(0), 0);
+    assert_eq!(connection::low_water_mark(100 * 1024), 0);
+    assert_eq!(connection::low_water_mark(200 * 1024), 200 * 1024);
+    assert_eq!(connection::low_water_mark(64 << 20), 1 << 20);
+}
+
+/// A fake broker's answer to the next fetch: `raw` bytes of batches.
+async fn fetch_answer(peer: &mut RawPeer, raw: &[u8]) -> Vec<u8> {
+    let body = peer.read_request().await.expect("fetch");
+    let frame = RequestFrame::decode(&body).expect("decodes");
+    let Request::Fetch { partition, .. } = frame.request else {
+        panic!("unexpected {frame:?}");
+    };
+    response_frame(
+        frame.correlation_id,
+        Response::Fetched {
+            partition,
+            high_watermark: 1,
+            log_start_offset: 0,
+            next_offset: 1,
+            records_bytes: raw.len() as u32,
+        },
+        raw,
+    )
+}
+
+#[test]
+fn a_large_answer_that_arrives_in_pieces_is_delivered_whole() {
+    // While the rest of a large frame is on its way the reader raises the
+    // socket's low-water mark; pieces of every size, the last one far
+    // below the mark it had when the frame began, must still complete it.
+    run(|| async {
+        let (listener, address) = listen().await;
+        let (client, mut peer) = connected(&listener, &address, config()).await;
+        let raw: Vec<u8> = (0..3 * 1024 * 1024 + 5)
+            .map(|byte| (byte * 13) as u8)
+            .collect();
+        let broker = async {
+            let answer = fetch_answer(&mut peer, &raw).await;
+            let mut at = 0;
+            for piece in [10, 300 * 1024, 1024 * 1024 + 7, 200 * 1024, 1, 64 * 1024] {
+                peer.send(&answer[at..at + piece]).await;
+                at += piece;
+            }
+            peer.send(&answer[at..]).await;
+        };
+        let (fetched, ()) =
+            futures_util::future::join(client.fetch("t", 0, 0, 4 << 20, 1, 0), broker).await;
+        let fetched = fetched.expect("fetched");
+        assert!(fetched.batches[..] == raw[..], "the answer differs");
+        // The connection goes on with small answers after it.
+        let (fetched, ()) =
+            futures_util::future::join(client.fetch("t", 0, 1, 1024, 1, 0), async {
+                let answer = fetch_answer(&mut peer, b"small").await;
+                peer.send(&answer).await;
+            })
+            .await;
+        assert_eq!(&fetched.expect("fetched").batches[..], b"small");
+    });
+}
+
+#[test]
+fn a_large_answer_cut_off_by_a_hang_up_fails_instead_of_waiting() {
+    // The low-water mark must not keep the reader asleep once the broker
+    // is gone: the fetch fails with the connection closed.
+    run(|| async {
+        let (listener, address) = listen().await;
+        let (client, mut peer) = connected(&listener, &address, config()).await;
+        let raw = vec![7u8; 2 * 1024 * 1024];
+        let broker = async {
+            let answer = fetch_answer(&mut peer, &raw).await;
+            peer.send(&answer[..512 * 1024]).await;
+            drop(peer);
+        };
+        let (fetched, ()) =
+            futures_util::future::join(client.fetch("t", 0, 0, 4 << 20, 1, 0), broker).await;
+        assert!(
+            matches!(fetched, Err(ClientError::Closed { .. })),
+            "{fetched:?}"
+        );
+    });
+}
+
+#[test]
 fn dropping_the_last_handle_closes_the_connection() {
     run(|| async {
         let (listener, address) = listen().await;
