@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 pub use config::{ConfigError, FsyncPolicy, LogConfig, TimestampType};
 pub use error::{AppendError, MaintenanceError, OpenError, ReadError, SyncError, is_disk_full};
 pub use open::{RecoveryReport, Truncation};
-pub use read::{FileRange, ReadSlice};
+pub use read::{FileRange, ReadAheadMark, ReadSlice};
 
 use crate::batch;
 use crate::checkpoint::{CHECKPOINT_FILE_NAME, Checkpoint};

@@ -34,6 +34,49 @@ pub struct ReadSlice<F> {
     pub log_start_offset: i64,
 }
 
+/// How far ahead of a sequential reader read-ahead was already asked for.
+///
+/// A reader that comes back for what follows its last read needs only the
+/// part of the window past what the last hint covered. Hinting the whole
+/// window every time makes the kernel look up every page twice (with a
+/// window of two reads), which on data already cached is all the hint does.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReadAheadMark {
+    /// The segment the last hint was in, where the read it followed ended,
+    /// and where the hint ended.
+    last: Option<(i64, u64, u64)>,
+}
+
+impl ReadAheadMark {
+    /// The range to hint for a read of segment `segment_base_offset` that
+    /// ended at `read_end`, with a window of `window_bytes`, as (position,
+    /// length); `None` when the last hint covers it already. A reader that
+    /// moved elsewhere (another segment, back, or past the hint) gets the
+    /// whole window.
+    pub fn advance(
+        &mut self,
+        segment_base_offset: i64,
+        read_end: u64,
+        window_bytes: u64,
+    ) -> Option<(u64, u64)> {
+        let window_end = read_end.saturating_add(window_bytes);
+        let start = match self.last {
+            Some((segment, last_read_end, hinted_end))
+                if segment == segment_base_offset
+                    && (last_read_end..=hinted_end).contains(&read_end) =>
+            {
+                hinted_end
+            }
+            _ => read_end,
+        };
+        if window_end <= start {
+            return None;
+        }
+        self.last = Some((segment_base_offset, read_end, window_end));
+        Some((start, window_end - start))
+    }
+}
+
 impl<S: Storage> PartitionLog<S> {
     fn read_io_error(segment: &Segment<S::File>) -> impl FnOnce(io::Error) -> ReadError + '_ {
         move |source| ReadError::Io {
@@ -142,12 +185,22 @@ impl<S: Storage> PartitionLog<S> {
     }
 
     /// Hints the OS to read ahead what a sequential consumer of `slice` will
-    /// ask for next: `window_bytes` after its last file range.
-    pub fn advise_sequential(&self, slice: &ReadSlice<S::File>, window_bytes: u64) {
-        if let Some(range) = slice.ranges.last() {
-            range
-                .file
-                .will_need(range.position + range.length, window_bytes);
+    /// ask for next: `window_bytes` after its last file range, less what
+    /// `mark` says was already asked for.
+    pub fn advise_sequential(
+        &self,
+        slice: &ReadSlice<S::File>,
+        window_bytes: u64,
+        mark: &mut ReadAheadMark,
+    ) {
+        if let Some(range) = slice.ranges.last()
+            && let Some((position, length)) = mark.advance(
+                range.segment_base_offset,
+                range.position + range.length,
+                window_bytes,
+            )
+        {
+            range.file.will_need(position, length);
         }
     }
 
@@ -276,5 +329,47 @@ fn batch_total<F: StorageFile>(
             position,
             format!("batch_length {} is not plausible here", header.batch_length),
         )),
+    }
+}
+
+#[cfg(test)]
+mod read_ahead_tests {
+    use super::ReadAheadMark;
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn a_sequential_reader_asks_for_each_page_once() {
+        let mut mark = ReadAheadMark::default();
+        // 4 MiB reads with an 8 MiB window: the whole window first, then
+        // only the 4 MiB past what was asked for.
+        assert_eq!(mark.advance(0, 4 * MIB, 8 * MIB), Some((4 * MIB, 8 * MIB)));
+        assert_eq!(mark.advance(0, 8 * MIB, 8 * MIB), Some((12 * MIB, 4 * MIB)));
+        assert_eq!(
+            mark.advance(0, 12 * MIB, 8 * MIB),
+            Some((16 * MIB, 4 * MIB))
+        );
+        // A short read inside what was asked for asks for the little past it.
+        assert_eq!(
+            mark.advance(0, 12 * MIB + 10, 8 * MIB),
+            Some((20 * MIB, 10))
+        );
+        // The same read again: nothing new.
+        assert_eq!(mark.advance(0, 12 * MIB + 10, 8 * MIB), None);
+    }
+
+    #[test]
+    fn a_reader_that_moves_elsewhere_gets_the_whole_window() {
+        let mut mark = ReadAheadMark::default();
+        assert_eq!(mark.advance(0, 4 * MIB, 8 * MIB), Some((4 * MIB, 8 * MIB)));
+        // Another segment.
+        assert_eq!(mark.advance(500, MIB, 8 * MIB), Some((MIB, 8 * MIB)));
+        // Back in the same segment, before the last read.
+        assert_eq!(mark.advance(500, 0, 8 * MIB), Some((0, 8 * MIB)));
+        // Past everything asked for.
+        assert_eq!(
+            mark.advance(500, 40 * MIB, 8 * MIB),
+            Some((40 * MIB, 8 * MIB))
+        );
     }
 }

@@ -192,6 +192,8 @@ struct PartitionState {
     producers: ProducerStates,
     /// The offset the last producer snapshot written covers up to.
     snapshot_offset: Option<i64>,
+    /// How far read-ahead was asked for after the last fetch.
+    read_ahead: rill_core::log::ReadAheadMark,
 }
 
 /// The storage task's state: the logs and who waits on them.
@@ -646,7 +648,12 @@ impl Storage {
         // I/O and reads ahead itself: read-ahead would read them twice.
         let direct = read_direct && log.config().direct_io;
         if !direct {
-            log.advise_sequential(&slice, 2 * max_bytes);
+            let mut unknown = rill_core::log::ReadAheadMark::default();
+            let mark = match self.partitions.get_mut(key) {
+                Some(state) => &mut state.read_ahead,
+                None => &mut unknown,
+            };
+            log.advise_sequential(&slice, 2 * max_bytes, mark);
         }
         let mut ranges = Vec::new();
         let mut bytes = Vec::new();
