@@ -188,7 +188,12 @@ pub fn run(data_dir: &Path, plan: &Plan) -> anyhow::Result<Figures> {
             );
             cold.set(cold.get() & crate::machine::drop_page_cache());
             measure(&broker, bytes, || {
-                let consumed = runtime.block_on(native::consume_all(&client, &native_topic, 1))?;
+                let consumed = runtime.block_on(native::consume_all(
+                    &client,
+                    &native_topic,
+                    1,
+                    native::FETCH_BYTES,
+                ))?;
                 anyhow::ensure!(
                     consumed == bytes,
                     "native consume read {consumed} of {bytes} bytes"

@@ -784,6 +784,28 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
         warm_row.note
     );
     rows.push(warm_row.note(warm_note));
+    let mut large = Samples::default();
+    for (speed, limit) in &figures.consume_warm_large_rounds {
+        large.push(
+            gib_per_second(*speed),
+            gib_per_second(*limit),
+            String::new(),
+        );
+    }
+    let large_row = large.row(
+        &format!(
+            "native consume of data on disk, page cache warm, {} MiB fetches",
+            figures.consume_warm_large_fetch_bytes.div_ceil(1024 * 1024)
+        ),
+        "broker",
+        "loopback",
+        "",
+    );
+    let large_note = format!(
+        "the largest fetch the broker's frames hold; each round right after the 4 MiB round above, against its loopback measurement: fewer request-answer turns per GiB; broker CPU per GiB {:.2} s; {}",
+        figures.consume_warm_large_cpu_seconds_per_gib, large_row.note
+    );
+    rows.push(large_row.note(large_note));
     rows.push(
         Row::new(
             "broker peak resident memory under that load",

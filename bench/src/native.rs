@@ -32,6 +32,12 @@ pub struct ThroughputFigures {
     /// bytes per second, so a slow moment of the host is slow for both.
     pub consume_warm_rounds: Vec<(f64, f64)>,
     pub consume_warm_cpu_seconds_per_gib: f64,
+    /// The same warm reads with fetches as large as the broker's frames
+    /// allow ([`LARGE_FETCH_BYTES`] at most), each right after its 4 MiB
+    /// round and against the same loopback measurement; and their broker CPU.
+    pub consume_warm_large_rounds: Vec<(f64, f64)>,
+    pub consume_warm_large_fetch_bytes: u32,
+    pub consume_warm_large_cpu_seconds_per_gib: f64,
     /// The client library's CPU (this process) per GiB, cold and warm.
     pub consume_client_cpu_seconds_per_gib: f64,
     pub consume_warm_client_cpu_seconds_per_gib: f64,
@@ -52,6 +58,13 @@ pub struct ThroughputFigures {
 
 /// Reads of the warm partition; the median is reported.
 pub const WARM_CONSUME_ROUNDS: usize = 3;
+
+/// The consumers' fetch size (a Kafka consumer asks up to 50 MiB per
+/// request, 1 MiB per partition by default).
+pub const FETCH_BYTES: u32 = 4 * 1024 * 1024;
+
+/// The larger fetch of the warm rows: fewer request-answer turns per GiB.
+pub const LARGE_FETCH_BYTES: u32 = 16 * 1024 * 1024;
 
 pub async fn connect(broker: &BrokerProcess) -> anyhow::Result<Client> {
     let config = ClientConfig {
@@ -93,15 +106,20 @@ pub async fn produce_windowed(
     Ok(sent)
 }
 
-/// Reads `partitions` partitions of `topic` to their end, one fetch in
-/// flight per partition. Returns the bytes read.
-pub async fn consume_all(client: &Client, topic: &str, partitions: u32) -> anyhow::Result<u64> {
+/// Reads `partitions` partitions of `topic` to their end with fetches of
+/// `fetch_bytes`, one in flight per partition. Returns the bytes read.
+pub async fn consume_all(
+    client: &Client,
+    topic: &str,
+    partitions: u32,
+    fetch_bytes: u32,
+) -> anyhow::Result<u64> {
     let readers = (0..partitions).map(|partition| async move {
         let mut offset = 0i64;
         let mut bytes = 0u64;
         loop {
             let fetched = client
-                .fetch(topic, partition, offset, 4 * 1024 * 1024, 1, 0)
+                .fetch(topic, partition, offset, fetch_bytes, 1, 0)
                 .await?;
             if fetched.batches.is_empty() {
                 return anyhow::Ok(bytes);
@@ -120,6 +138,11 @@ pub async fn consume_all(client: &Client, topic: &str, partitions: u32) -> anyho
     Ok(total)
 }
 
+/// The batch bytes one answer frame of the broker holds.
+pub fn frame_room(client: &Client) -> u32 {
+    client.config().frame_bytes_max.saturating_sub(1024).max(1)
+}
+
 /// One timed read of a whole partition, with the CPU it cost.
 struct TimedConsume {
     bytes: u64,
@@ -134,14 +157,20 @@ impl TimedConsume {
     }
 }
 
-/// Reads partition 0 of `topic` to its end on a fresh connection, timing
+/// Reads partition 0 of `topic` to its end on a fresh connection with
+/// fetches of `fetch_bytes` (cut to what the broker's frames hold), timing
 /// it and counting the broker's and this process's (the client's) CPU.
-async fn timed_consume(broker: &BrokerProcess, topic: &str) -> anyhow::Result<TimedConsume> {
+async fn timed_consume(
+    broker: &BrokerProcess,
+    topic: &str,
+    fetch_bytes: u32,
+) -> anyhow::Result<TimedConsume> {
     let client = connect(broker).await?;
+    let fetch_bytes = fetch_bytes.min(frame_room(&client));
     let broker_before = broker.cpu_seconds()?;
     let client_before = crate::broker::own_cpu_seconds();
     let started = Instant::now();
-    let bytes = consume_all(&client, topic, 1).await?;
+    let bytes = consume_all(&client, topic, 1, fetch_bytes).await?;
     let elapsed = started.elapsed();
     Ok(TimedConsume {
         bytes,
@@ -182,7 +211,7 @@ pub fn throughput(
     // cache dropped, so the produce just finished does not weigh on them.
     let mut cold = crate::machine::drop_page_cache();
     eprintln!("native consume: page cache cold");
-    let cold_read = runtime.block_on(timed_consume(&broker, "bench"))?;
+    let cold_read = runtime.block_on(timed_consume(&broker, "bench", FETCH_BYTES))?;
     let consumed = cold_read.bytes;
     // The first read left the segments in the page cache (consumers read
     // buffered): read them again, as a second consumer of the same data
@@ -193,19 +222,24 @@ pub fn throughput(
     const FETCH_PATHS: [&str; 3] = ["sendfile", "splice", "read"];
     let sent_before = FETCH_PATHS.map(fetch_sent);
     let mut warm_rounds = Vec::new();
+    let mut warm_large_rounds = Vec::new();
     let mut warm_loopback = Vec::new();
     for round in 1..=WARM_CONSUME_ROUNDS {
         eprintln!("native consume: page cache warm, round {round}/{WARM_CONSUME_ROUNDS}");
         warm_loopback.push(crate::limits::loopback_tcp_bandwidth(
             consumed.min(1 << 30),
         )?);
-        let round = runtime.block_on(timed_consume(&broker, "bench"))?;
-        anyhow::ensure!(
-            round.bytes == consumed,
-            "read {} bytes of {consumed} with a warm cache",
-            round.bytes
-        );
+        let round = runtime.block_on(timed_consume(&broker, "bench", FETCH_BYTES))?;
+        let large = runtime.block_on(timed_consume(&broker, "bench", LARGE_FETCH_BYTES))?;
+        for read in [&round, &large] {
+            anyhow::ensure!(
+                read.bytes == consumed,
+                "read {} bytes of {consumed} with a warm cache",
+                read.bytes
+            );
+        }
         warm_rounds.push(round);
+        warm_large_rounds.push(large);
     }
     let sent_after = FETCH_PATHS.map(fetch_sent);
     let sent: Option<Vec<f64>> = sent_before
@@ -216,13 +250,23 @@ pub fn throughput(
     let consume_warm_sendfile_share = sent
         .filter(|sent| sent.iter().sum::<f64>() > 0.0)
         .map(|sent| sent[0] / sent.iter().sum::<f64>());
-    let consume_warm_rounds = warm_rounds
-        .iter()
-        .map(TimedConsume::bytes_per_second)
-        .zip(warm_loopback)
-        .collect();
-    warm_rounds.sort_by(|a, b| a.bytes_per_second().total_cmp(&b.bytes_per_second()));
-    let warm = &warm_rounds[warm_rounds.len() / 2];
+    let paired = |rounds: &[TimedConsume]| -> Vec<(f64, f64)> {
+        rounds
+            .iter()
+            .map(TimedConsume::bytes_per_second)
+            .zip(warm_loopback.iter().copied())
+            .collect()
+    };
+    let consume_warm_rounds = paired(&warm_rounds);
+    let consume_warm_large_rounds = paired(&warm_large_rounds);
+    let median = |rounds: &mut Vec<TimedConsume>| {
+        rounds.sort_by(|a, b| a.bytes_per_second().total_cmp(&b.bytes_per_second()));
+        rounds.swap_remove(rounds.len() / 2)
+    };
+    let warm = median(&mut warm_rounds);
+    let warm_large = median(&mut warm_large_rounds);
+    let consume_warm_large_fetch_bytes =
+        LARGE_FETCH_BYTES.min(runtime.block_on(connect(&broker)).map(|c| frame_room(&c))?);
     // The same bytes over four partitions, consumed with four fetches in flight.
     eprintln!("native consume: 4 partitions, page cache cold");
     let consume_four_elapsed = runtime.block_on(async {
@@ -231,7 +275,7 @@ pub fn throughput(
         let sent = produce_windowed(&client, "bench4", 4, &batch, total_bytes).await?;
         cold &= crate::machine::drop_page_cache();
         let started = Instant::now();
-        let bytes = consume_all(&client, "bench4", 4).await?;
+        let bytes = consume_all(&client, "bench4", 4, FETCH_BYTES).await?;
         anyhow::ensure!(
             bytes == sent,
             "consumed {bytes} bytes of {sent} from four partitions"
@@ -250,6 +294,9 @@ pub fn throughput(
         consume_bytes_per_second: cold_read.bytes_per_second(),
         consume_warm_rounds,
         consume_warm_cpu_seconds_per_gib: warm.broker_cpu / gib,
+        consume_warm_large_rounds,
+        consume_warm_large_fetch_bytes,
+        consume_warm_large_cpu_seconds_per_gib: warm_large.broker_cpu / gib,
         consume_client_cpu_seconds_per_gib: cold_read.client_cpu / gib,
         consume_warm_client_cpu_seconds_per_gib: warm.client_cpu / gib,
         consume_warm_sendfile_share,
