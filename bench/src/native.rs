@@ -107,7 +107,9 @@ pub async fn produce_windowed(
 }
 
 /// Reads `partitions` partitions of `topic` to their end with fetches of
-/// `fetch_bytes`, one in flight per partition. Returns the bytes read.
+/// `fetch_bytes`, each partition's next fetch sent as soon as the head of
+/// the answer before it arrives ([`Client::start_fetch`]). Returns the
+/// bytes read.
 pub async fn consume_all(
     client: &Client,
     topic: &str,
@@ -115,19 +117,29 @@ pub async fn consume_all(
     fetch_bytes: u32,
 ) -> anyhow::Result<u64> {
     let readers = (0..partitions).map(|partition| async move {
-        let mut offset = 0i64;
         let mut bytes = 0u64;
+        let mut current = client.start_fetch(topic, partition, 0, fetch_bytes, 1, 0)?;
         loop {
-            let fetched = client
-                .fetch(topic, partition, offset, fetch_bytes, 1, 0)
-                .await?;
-            if fetched.batches.is_empty() {
-                return anyhow::Ok(bytes);
-            }
+            // Ask for what follows as soon as the answer's head says where
+            // it ends, so the broker prepares it while this one is sent.
+            let next = match current.head().await {
+                Some(head) if head.records_bytes > 0 && head.next_offset < head.high_watermark => {
+                    Some(client.start_fetch(
+                        topic,
+                        partition,
+                        head.next_offset,
+                        fetch_bytes,
+                        1,
+                        0,
+                    )?)
+                }
+                _ => None,
+            };
+            let fetched = current.wait().await?;
             bytes += fetched.batches.len() as u64;
-            offset = fetched.next_offset;
-            if offset >= fetched.high_watermark {
-                return anyhow::Ok(bytes);
+            match next {
+                Some(next) => current = next,
+                None => return anyhow::Ok(bytes),
             }
         }
     });

@@ -101,30 +101,41 @@ async fn check_partition(client: &Client, topic: &str, partition: u32, expected_
             .fetch(topic, partition, offset, 4 * 1024 * 1024, 1, 0)
             .await
             .expect("fetch");
-        assert!(
-            fetched.next_offset > offset,
-            "fetch made no progress at {offset}"
-        );
-        for record in records_of(&fetched.batches).expect("decode batches") {
-            if record.offset < offset {
-                continue; // the first batch may start before the offset asked for
-            }
-            assert_eq!(
-                record.offset, offset,
-                "partition {partition}: records in order, none missing"
-            );
-            let index = offset as u64;
-            assert_eq!(
-                record.value.as_deref(),
-                Some(value_of(partition, index).as_slice())
-            );
-            assert_eq!(
-                record.key.as_deref(),
-                Some(format!("key-{index}").as_bytes())
-            );
-            offset += 1;
-        }
+        check_fetched(partition, &fetched, &mut offset);
     }
+    check_latest(client, topic, partition, expected_records).await;
+}
+
+/// Checks the records of one fetch answer against what was produced, from
+/// `offset` on, and moves `offset` past them.
+fn check_fetched(partition: u32, fetched: &rill_node::client::Fetched, offset: &mut i64) {
+    assert!(
+        fetched.next_offset > *offset,
+        "fetch made no progress at {offset}"
+    );
+    for record in records_of(&fetched.batches).expect("decode batches") {
+        if record.offset < *offset {
+            continue; // the first batch may start before the offset asked for
+        }
+        assert_eq!(
+            record.offset, *offset,
+            "partition {partition}: records in order, none missing"
+        );
+        let index = *offset as u64;
+        assert_eq!(
+            record.value.as_deref(),
+            Some(value_of(partition, index).as_slice())
+        );
+        assert_eq!(
+            record.key.as_deref(),
+            Some(format!("key-{index}").as_bytes())
+        );
+        *offset += 1;
+    }
+}
+
+/// The partition's latest offset is the number of records produced.
+async fn check_latest(client: &Client, topic: &str, partition: u32, expected_records: u64) {
     let latest = client
         .list_offsets(topic, partition, OffsetSpec::Latest)
         .await
@@ -747,6 +758,56 @@ fn the_cli_produces_consumes_and_manages_topics() {
     assert!(ok && stdout.contains("shards"), "{stdout}");
     let (ok, _, stderr) = rill(&["topic", "describe", "nothing"], None);
     assert!(!ok && stderr.contains("nothing"), "{stderr}");
+}
+
+#[test]
+fn a_consumer_that_asks_ahead_reads_every_record_in_order() {
+    // Each partition's next fetch leaves as soon as the head of the answer
+    // before it arrives, so the broker holds two fetches of one partition
+    // from one connection at once, the second for where the first ends.
+    // Small fetches make many such pairs; every record must come once, in
+    // order, wherever its bytes came from.
+    let broker = Broker::start(&["node.shards=2"]);
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        client.create_topic("ahead", 2, &[]).await.expect("create");
+        produce_range(&client, "ahead", 2, 0, 40_000, Acks::Written).await;
+        let readers = (0..2).map(|partition| {
+            let client = &client;
+            async move {
+                let start = |offset| {
+                    client
+                        .start_fetch("ahead", partition, offset, 64 * 1024, 1, 0)
+                        .expect("queue fetch")
+                };
+                let mut offset = 0i64;
+                let mut current = start(0);
+                let mut asked_ahead = 0;
+                loop {
+                    let head = current.head().await.expect("a fetch answer's head");
+                    let next =
+                        (head.next_offset < head.high_watermark).then(|| start(head.next_offset));
+                    let fetched = current.wait().await.expect("fetch");
+                    assert_eq!(fetched.next_offset, head.next_offset);
+                    assert_eq!(fetched.batches.len() as u32, head.records_bytes);
+                    check_fetched(partition, &fetched, &mut offset);
+                    match next {
+                        Some(next) => {
+                            asked_ahead += 1;
+                            current = next;
+                        }
+                        None => break,
+                    }
+                }
+                assert_eq!(offset, 40_000, "partition {partition} read to its end");
+                assert!(asked_ahead > 20, "only {asked_ahead} fetches asked ahead");
+            }
+        });
+        futures_util::future::join_all(readers).await;
+        for partition in 0..2 {
+            check_latest(&client, "ahead", partition, 40_000).await;
+        }
+    });
 }
 
 #[test]

@@ -84,7 +84,48 @@ enum WriteJob {
 struct State {
     next_correlation_id: u32,
     waiters: HashMap<u32, oneshot::Sender<Result<ResponseBody, ClientError>>>,
+    /// Fetches whose callers want the answer's head as soon as it arrives,
+    /// before its batches ([`FetchHead`]).
+    heads: HashMap<u32, oneshot::Sender<FetchHead>>,
     closed: Option<CloseReason>,
+}
+
+/// The head of a fetch answer: what it holds and where it ends, known as
+/// soon as its first bytes arrive, while its batches are still on the way.
+/// A consumer can ask for what follows `next_offset` right away, so the
+/// broker prepares the next answer while this one is still being sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchHead {
+    pub partition: u32,
+    pub high_watermark: i64,
+    pub log_start_offset: i64,
+    /// One past the last batch the answer carries.
+    pub next_offset: i64,
+    /// Bytes of batches that follow the head.
+    pub records_bytes: u32,
+}
+
+impl FetchHead {
+    /// The head of a fetch answer, from a frame body or the start of one;
+    /// `None` while the head is incomplete or the answer is not `Fetched`.
+    fn of(body: &[u8]) -> Option<Self> {
+        match ResponseFrame::decode(body).ok()?.0.response {
+            Response::Fetched {
+                partition,
+                high_watermark,
+                log_start_offset,
+                next_offset,
+                records_bytes,
+            } => Some(Self {
+                partition,
+                high_watermark,
+                log_start_offset,
+                next_offset,
+                records_bytes,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// The part of a connection callers and both tasks share.
@@ -121,6 +162,7 @@ impl Driver {
             state: RefCell::new(State {
                 next_correlation_id: 1,
                 waiters: HashMap::new(),
+                heads: HashMap::new(),
                 closed: None,
             }),
             writes,
@@ -166,6 +208,29 @@ impl Connection {
         request: Request<'_>,
         expects_response: bool,
     ) -> Result<Pending, ClientError> {
+        self.send_inner(request, expects_response, false)
+            .map(|(pending, _)| pending)
+    }
+
+    /// Like [`Self::send`] for a fetch, and also returns where the answer's
+    /// head will be delivered as soon as it arrives ([`FetchHead`]). The
+    /// head's sender is dropped when the answer is not `Fetched` or the
+    /// connection ends; the response then says why.
+    pub(crate) fn send_fetch(
+        &self,
+        request: Request<'_>,
+    ) -> Result<(Pending, oneshot::Receiver<FetchHead>), ClientError> {
+        let (pending, head) = self.send_inner(request, true, true)?;
+        let head = head.ok_or_else(|| ClientError::Protocol("no head receiver".into()))?;
+        Ok((pending, head))
+    }
+
+    fn send_inner(
+        &self,
+        request: Request<'_>,
+        expects_response: bool,
+        wants_head: bool,
+    ) -> Result<(Pending, Option<oneshot::Receiver<FetchHead>>), ClientError> {
         let mut state = self.state.borrow_mut();
         if let Some(reason) = &state.closed {
             return Err(reason.later_error());
@@ -193,9 +258,15 @@ impl Connection {
                 frame_bytes_max: limit,
             });
         }
+        let mut head = None;
         let (job, pending) = if expects_response {
             let (sender, receiver) = oneshot::channel();
             state.waiters.insert(correlation_id, sender);
+            if wants_head {
+                let (sender, receiver) = oneshot::channel();
+                state.heads.insert(correlation_id, sender);
+                head = Some(receiver);
+            }
             let job = WriteJob::Frame {
                 bytes,
                 written: None,
@@ -218,7 +289,27 @@ impl Connection {
             self.close(reason.clone());
             return Err(reason.later_error());
         }
-        Ok(pending)
+        Ok((pending, head))
+    }
+
+    /// Hands the head of the partly read frame `partial` (length prefix
+    /// included) to a caller waiting for it, once the head is all there.
+    fn offer_head(&self, partial: &[u8]) {
+        let Some(body) = partial.get(rill_protocol::FRAME_HEADER_BYTES..) else {
+            return;
+        };
+        let mut state = self.state.borrow_mut();
+        if state.heads.is_empty() {
+            return;
+        }
+        let Ok((frame, _)) = ResponseFrame::decode(body) else {
+            return;
+        };
+        if let Some(waiter) = state.heads.remove(&frame.correlation_id)
+            && let Some(head) = FetchHead::of(body)
+        {
+            let _ = waiter.send(head);
+        }
     }
 
     /// Ends the connection: fails every waiter with `reason` and stops the
@@ -230,6 +321,7 @@ impl Connection {
                 return;
             }
             state.closed = Some(reason.clone());
+            state.heads.clear();
             std::mem::take(&mut state.waiters)
         };
         for (_, waiter) in waiters {
@@ -244,11 +336,19 @@ impl Connection {
         let (frame, _raw) = ResponseFrame::decode(&body).map_err(|error| {
             CloseReason::Protocol(format!("undecodable response frame: {error}"))
         })?;
-        let waiter = self
-            .state
-            .borrow_mut()
-            .waiters
-            .remove(&frame.correlation_id);
+        let (waiter, head) = {
+            let mut state = self.state.borrow_mut();
+            (
+                state.waiters.remove(&frame.correlation_id),
+                state.heads.remove(&frame.correlation_id),
+            )
+        };
+        // A head not offered early (the frame came in one read) goes first.
+        if let Some(head) = head
+            && let Some(fetched) = FetchHead::of(&body)
+        {
+            let _ = head.send(fetched);
+        }
         match waiter {
             Some(waiter) => {
                 let _ = waiter.send(Ok(body));
@@ -316,6 +416,10 @@ async fn read_responses(
             break reason;
         }
         buffer.drain(..consumed);
+        // A large answer is partly here: its head may already be wanted.
+        if !buffer.is_empty() {
+            connection.offer_head(&buffer);
+        }
         // One large fetch response should not pin its buffer for the connection's life.
         if buffer.is_empty() && buffer.capacity() > 16 * READ_CHUNK_BYTES {
             buffer = Vec::with_capacity(READ_CHUNK_BYTES);

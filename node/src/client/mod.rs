@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use compio::net::TcpStream;
 use rill_protocol::{PROTOCOL_VERSION, Request, Response, ResponseFrame};
 
+pub use connection::FetchHead;
 use connection::{Driver, Pending, describe_response};
 
 pub use error::ClientError;
@@ -116,6 +117,36 @@ pub struct Fetched {
 pub struct PendingProduce {
     client: Client,
     pending: Pending,
+}
+
+/// A fetch sent and not yet answered; see [`Client::start_fetch`].
+#[must_use = "a fetch's batches arrive only through `wait`"]
+pub struct PendingFetch {
+    client: Client,
+    pending: Pending,
+    head: Option<futures_channel::oneshot::Receiver<FetchHead>>,
+    timeout: Duration,
+}
+
+impl PendingFetch {
+    /// The answer's head, as soon as it has arrived: where the answer ends
+    /// and how many bytes of batches follow. `None` when the answer is not
+    /// batches (an error: [`Self::wait`] returns it) or the connection
+    /// ended; also `None` on a second call.
+    pub async fn head(&mut self) -> Option<FetchHead> {
+        let head = self.head.take()?;
+        compio::time::timeout(self.timeout, head).await.ok()?.ok()
+    }
+
+    /// Waits for the whole answer.
+    pub async fn wait(self) -> Result<Fetched, ClientError> {
+        let body = self
+            .client
+            .wait(self.pending, "fetch", self.timeout)
+            .await?
+            .ok_or_else(|| ClientError::Protocol("fetch got no response".into()))?;
+        fetched(&body)
+    }
 }
 
 impl PendingProduce {
@@ -396,6 +427,36 @@ impl Client {
         self.start_produce(topic, target, acks, batch)?.wait().await
     }
 
+    /// Queues a fetch now and returns a handle that tells where the answer
+    /// ends as soon as its head arrives ([`PendingFetch::head`]), before its
+    /// batches do. A consumer that starts the next fetch then keeps the
+    /// connection busy: the broker prepares the next answer while this one
+    /// is still being sent, instead of waiting a round trip for the request.
+    pub fn start_fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: u32,
+        min_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<PendingFetch, ClientError> {
+        let (pending, head) = self.inner.driver.connection.send_fetch(Request::Fetch {
+            topic,
+            partition,
+            offset,
+            max_bytes,
+            min_bytes,
+            max_wait_ms,
+        })?;
+        Ok(PendingFetch {
+            client: self.clone(),
+            pending,
+            head: Some(head),
+            timeout: self.request_timeout() + Duration::from_millis(u64::from(max_wait_ms)),
+        })
+    }
+
     /// Reads whole batches from `offset`, waiting up to `max_wait_ms` for at
     /// least `min_bytes`.
     pub async fn fetch(
@@ -422,33 +483,7 @@ impl Client {
                 timeout,
             )
             .await?;
-        match decode(&body)? {
-            (
-                Response::Fetched {
-                    partition,
-                    high_watermark,
-                    log_start_offset,
-                    next_offset,
-                    records_bytes,
-                },
-                raw,
-            ) => {
-                if raw.len() != records_bytes as usize {
-                    return Err(ClientError::Protocol(format!(
-                        "fetch response announces {records_bytes} bytes of batches but carries {}",
-                        raw.len()
-                    )));
-                }
-                Ok(Fetched {
-                    partition,
-                    high_watermark,
-                    log_start_offset,
-                    next_offset,
-                    batches: body.slice_ref(raw),
-                })
-            }
-            (other, _) => Err(unexpected("Fetched", &other)),
-        }
+        fetched(&body)
     }
 
     /// The earliest or latest offset of a partition, or the first at or after
@@ -618,5 +653,36 @@ impl Client {
             (Response::Status(status), _) => Ok(status),
             (other, _) => Err(unexpected("Status", &other)),
         }
+    }
+}
+
+/// A fetch answer's batches, checked against the length its head announces.
+fn fetched(body: &connection::ResponseBody) -> Result<Fetched, ClientError> {
+    match decode(body)? {
+        (
+            Response::Fetched {
+                partition,
+                high_watermark,
+                log_start_offset,
+                next_offset,
+                records_bytes,
+            },
+            raw,
+        ) => {
+            if raw.len() != records_bytes as usize {
+                return Err(ClientError::Protocol(format!(
+                    "fetch response announces {records_bytes} bytes of batches but carries {}",
+                    raw.len()
+                )));
+            }
+            Ok(Fetched {
+                partition,
+                high_watermark,
+                log_start_offset,
+                next_offset,
+                batches: body.slice_ref(raw),
+            })
+        }
+        (other, _) => Err(unexpected("Fetched", &other)),
     }
 }

@@ -638,6 +638,80 @@ fn a_large_answer_cut_off_by_a_hang_up_fails_instead_of_waiting() {
 }
 
 #[test]
+fn a_fetch_answers_head_arrives_before_its_batches() {
+    // The broker sends the head and a little of a large answer, and sends
+    // the rest only once the caller has the head: without early heads this
+    // would never finish (the timeout turns that into a failure).
+    run(|| async {
+        let (listener, address) = listen().await;
+        let (client, mut peer) = connected(&listener, &address, config()).await;
+        let raw: Vec<u8> = (0..1024 * 1024).map(|byte| (byte * 7) as u8).collect();
+        let (got_head, head_seen) = futures_channel::oneshot::channel::<()>();
+        let broker = async {
+            let answer = fetch_answer(&mut peer, &raw).await;
+            peer.send(&answer[..64 * 1024]).await;
+            head_seen.await.expect("the caller reports the head");
+            peer.send(&answer[64 * 1024..]).await;
+        };
+        let consumer = async {
+            let mut pending = client.start_fetch("t", 0, 0, 4 << 20, 1, 0).expect("sent");
+            let head = pending.head().await.expect("a head");
+            assert_eq!(head.next_offset, 1);
+            assert_eq!(head.records_bytes, raw.len() as u32);
+            got_head.send(()).expect("broker listens");
+            assert_eq!(pending.head().await, None, "the head comes once");
+            pending.wait().await.expect("fetched")
+        };
+        let (fetched, ()) = compio::time::timeout(
+            std::time::Duration::from_secs(30),
+            futures_util::future::join(consumer, broker),
+        )
+        .await
+        .expect("the head arrived before the batches");
+        assert!(fetched.batches[..] == raw[..], "the answer differs");
+    });
+}
+
+#[test]
+fn a_small_answer_gives_its_head_too_and_an_error_gives_none() {
+    run(|| async {
+        let broker = FakeBroker::start().await;
+        broker.state.borrow_mut().create_topic("sensors", 1);
+        let client = Client::connect(&broker.address, config())
+            .await
+            .expect("connects");
+        let mut batch = {
+            let mut builder = RecordBuilder::new();
+            builder.push(5_000, Some(b"k"), Some(b"v"), &[]);
+            builder.finish()
+        };
+        stamp_batch(&mut batch, 0, None);
+        client
+            .produce("sensors", Target::Partition(0), Acks::Written, &batch)
+            .await
+            .expect("produced");
+        let mut pending = client
+            .start_fetch("sensors", 0, 0, 1 << 20, 1, 0)
+            .expect("sent");
+        let head = pending.head().await.expect("a head");
+        assert_eq!(
+            (head.partition, head.next_offset, head.high_watermark),
+            (0, 1, 1)
+        );
+        let fetched = pending.wait().await.expect("fetched");
+        assert_eq!(fetched.batches.len() as u32, head.records_bytes);
+        let mut missing = client
+            .start_fetch("missing", 0, 0, 1 << 20, 1, 0)
+            .expect("sent");
+        assert_eq!(missing.head().await, None);
+        match missing.wait().await {
+            Err(ClientError::Broker { code, .. }) => assert_eq!(code, ErrorCode::UnknownTopic),
+            other => panic!("expected UnknownTopic, got {other:?}"),
+        }
+    });
+}
+
+#[test]
 fn dropping_the_last_handle_closes_the_connection() {
     run(|| async {
         let (listener, address) = listen().await;
