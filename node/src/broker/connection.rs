@@ -699,18 +699,26 @@ async fn write_answers(
                     tail,
                 } => {
                     pending.extend_from_slice(&header);
-                    if stream
-                        .write_all(std::mem::take(&mut pending))
-                        .await
-                        .0
-                        .is_err()
-                    {
-                        return;
-                    }
                     if !polled {
                         use std::os::fd::AsFd;
                         sender.poll = crate::io::sendfile::poll_handle(stream.as_fd());
                         polled = true;
+                    }
+                    // The header goes straight from this thread, marked as
+                    // followed by more, so it leaves in one segment with the
+                    // first of the ranges rather than as a small one of its own.
+                    let written = match &sender.poll {
+                        Some(poll) => crate::io::sendfile::send_bytes(poll, &pending, true)
+                            .await
+                            .is_ok(),
+                        None => {
+                            let buffer = std::mem::take(&mut pending);
+                            stream.write_all(buffer).await.0.is_ok()
+                        }
+                    };
+                    pending.clear();
+                    if !written {
+                        return;
                     }
                     for range in ranges {
                         if let Err(error) =

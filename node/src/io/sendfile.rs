@@ -169,6 +169,40 @@ pub async fn send_range(
     }
 }
 
+/// Writes all of `bytes` to a non-blocking socket from this thread,
+/// waiting for room through its poll handle; with `more`, marked as
+/// followed by more data (`MSG_MORE`), so the kernel holds a small write
+/// to go out with what follows. `MSG_NOSIGNAL`: a peer that hung up is an
+/// error, never a signal.
+pub async fn send_bytes(socket: &PollFd<OwnedFd>, mut bytes: &[u8], more: bool) -> io::Result<()> {
+    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+    while !bytes.is_empty() {
+        // SAFETY: `bytes` is live for the call; the descriptor is open.
+        let sent = unsafe {
+            libc::send(
+                socket.as_fd().as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                flags,
+            )
+        };
+        if sent > 0 {
+            bytes = &bytes[sent as usize..];
+            continue;
+        }
+        if sent == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let error = io::Error::last_os_error();
+        match error.kind() {
+            io::ErrorKind::WouldBlock => socket.write_ready().await?,
+            io::ErrorKind::Interrupted => {}
+            _ => return Err(error),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
