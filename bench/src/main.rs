@@ -736,7 +736,7 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
     );
     rows.push(
         Row::new(
-            "native consume of data on disk, 4 partitions, one 4 MiB fetch in flight per partition",
+            "native consume of data on disk, 4 partitions, 4 MiB fetches, each partition's next asked for at its answer's head",
             "broker",
             gib_per_second(figures.consume_four_partitions_bytes_per_second),
             "GiB/s",
@@ -1094,7 +1094,7 @@ fn kafka_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Vec
         .map(|round| gib(&round.native_consume))
         .collect();
     rows.push(median_row(
-        "native consume of that data on disk, 4 MiB fetches, one in flight",
+        "native consume of that data on disk, 4 MiB fetches, the next asked for at each answer's head",
         "native",
         &native_consume,
         format!(

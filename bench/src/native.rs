@@ -44,7 +44,7 @@ pub struct ThroughputFigures {
     /// Share of the warm rounds' segment bytes the broker sent with
     /// sendfile (`rill_fetch_sent_bytes_total`), or `None` if not reported.
     pub consume_warm_sendfile_share: Option<f64>,
-    /// The same bytes in four partitions, one fetch in flight per partition.
+    /// The same bytes in four partitions, read at once (each asking ahead).
     pub consume_four_partitions_bytes_per_second: f64,
     pub produce_cpu_seconds_per_gib: f64,
     /// Bytes the broker wrote to the block layer per batch byte produced.

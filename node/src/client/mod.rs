@@ -468,22 +468,9 @@ impl Client {
         min_bytes: u32,
         max_wait_ms: u32,
     ) -> Result<Fetched, ClientError> {
-        let timeout = self.request_timeout() + Duration::from_millis(u64::from(max_wait_ms));
-        let body = self
-            .call(
-                Request::Fetch {
-                    topic,
-                    partition,
-                    offset,
-                    max_bytes,
-                    min_bytes,
-                    max_wait_ms,
-                },
-                "fetch",
-                timeout,
-            )
-            .await?;
-        fetched(&body)
+        self.start_fetch(topic, partition, offset, max_bytes, min_bytes, max_wait_ms)?
+            .wait()
+            .await
     }
 
     /// The earliest or latest offset of a partition, or the first at or after
