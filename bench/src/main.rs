@@ -239,6 +239,19 @@ struct Samples {
 }
 
 impl Samples {
+    /// Rounds of (speed, limit) in bytes per second, as GiB/s samples.
+    fn of_rounds(rounds: &[(f64, f64)]) -> Self {
+        let mut samples = Self::default();
+        for (speed, limit) in rounds {
+            samples.push(
+                gib_per_second(*speed),
+                gib_per_second(*limit),
+                String::new(),
+            );
+        }
+        samples
+    }
+
     fn push(&mut self, value: f64, limit: f64, note: String) {
         self.values.push(value);
         self.limits.push(limit);
@@ -750,14 +763,7 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
     );
     // Each warm round is compared with a loopback measurement taken right
     // before it: the ratio is the median of the per-round ratios.
-    let mut warm = Samples::default();
-    for (speed, limit) in &figures.consume_warm_rounds {
-        warm.push(
-            gib_per_second(*speed),
-            gib_per_second(*limit),
-            String::new(),
-        );
-    }
+    let warm = Samples::of_rounds(&figures.consume_warm_rounds);
     let per_round = figures
         .consume_warm_rounds
         .iter()
@@ -784,15 +790,7 @@ fn native_scenario(data_dir: &std::path::Path, smoke: bool) -> anyhow::Result<Ve
         warm_row.note
     );
     rows.push(warm_row.note(warm_note));
-    let mut large = Samples::default();
-    for (speed, limit) in &figures.consume_warm_large_rounds {
-        large.push(
-            gib_per_second(*speed),
-            gib_per_second(*limit),
-            String::new(),
-        );
-    }
-    let large_row = large.row(
+    let large_row = Samples::of_rounds(&figures.consume_warm_large_rounds).row(
         &format!(
             "native consume of data on disk, page cache warm, {} MiB fetches",
             figures.consume_warm_large_fetch_bytes.div_ceil(1024 * 1024)

@@ -151,13 +151,15 @@ pub async fn consume_all(
 }
 
 /// The batch bytes one answer frame of the broker holds.
-pub fn frame_room(client: &Client) -> u32 {
+fn frame_room(client: &Client) -> u32 {
     client.config().frame_bytes_max.saturating_sub(1024).max(1)
 }
 
 /// One timed read of a whole partition, with the CPU it cost.
 struct TimedConsume {
     bytes: u64,
+    /// The fetch size used (the one asked for, cut to the broker's frames).
+    fetch_bytes: u32,
     elapsed: Duration,
     broker_cpu: f64,
     client_cpu: f64,
@@ -186,6 +188,7 @@ async fn timed_consume(
     let elapsed = started.elapsed();
     Ok(TimedConsume {
         bytes,
+        fetch_bytes,
         elapsed,
         broker_cpu: broker.cpu_seconds()? - broker_before,
         client_cpu: crate::broker::own_cpu_seconds() - client_before,
@@ -277,8 +280,6 @@ pub fn throughput(
     };
     let warm = median(&mut warm_rounds);
     let warm_large = median(&mut warm_large_rounds);
-    let consume_warm_large_fetch_bytes =
-        LARGE_FETCH_BYTES.min(runtime.block_on(connect(&broker)).map(|c| frame_room(&c))?);
     // The same bytes over four partitions, consumed with four fetches in flight.
     eprintln!("native consume: 4 partitions, page cache cold");
     let consume_four_elapsed = runtime.block_on(async {
@@ -307,7 +308,7 @@ pub fn throughput(
         consume_warm_rounds,
         consume_warm_cpu_seconds_per_gib: warm.broker_cpu / gib,
         consume_warm_large_rounds,
-        consume_warm_large_fetch_bytes,
+        consume_warm_large_fetch_bytes: warm_large.fetch_bytes,
         consume_warm_large_cpu_seconds_per_gib: warm_large.broker_cpu / gib,
         consume_client_cpu_seconds_per_gib: cold_read.client_cpu / gib,
         consume_warm_client_cpu_seconds_per_gib: warm.client_cpu / gib,

@@ -106,10 +106,9 @@ pub struct FetchHead {
 }
 
 impl FetchHead {
-    /// The head of a fetch answer, from a frame body or the start of one;
-    /// `None` while the head is incomplete or the answer is not `Fetched`.
-    fn of(body: &[u8]) -> Option<Self> {
-        match ResponseFrame::decode(body).ok()?.0.response {
+    /// The head a response carries, when it is a fetch answer.
+    pub(crate) fn of(response: &Response<'_>) -> Option<Self> {
+        match *response {
             Response::Fetched {
                 partition,
                 high_watermark,
@@ -208,8 +207,7 @@ impl Connection {
         request: Request<'_>,
         expects_response: bool,
     ) -> Result<Pending, ClientError> {
-        self.send_inner(request, expects_response, false)
-            .map(|(pending, _)| pending)
+        self.send_inner(request, expects_response, None)
     }
 
     /// Like [`Self::send`] for a fetch, and also returns where the answer's
@@ -220,17 +218,19 @@ impl Connection {
         &self,
         request: Request<'_>,
     ) -> Result<(Pending, oneshot::Receiver<FetchHead>), ClientError> {
-        let (pending, head) = self.send_inner(request, true, true)?;
-        let head = head.ok_or_else(|| ClientError::Protocol("no head receiver".into()))?;
-        Ok((pending, head))
+        let (head, receiver) = oneshot::channel();
+        let pending = self.send_inner(request, true, Some(head))?;
+        Ok((pending, receiver))
     }
 
+    /// Queues `request`, registering its response waiter and, for a fetch
+    /// whose caller wants it, its head's.
     fn send_inner(
         &self,
         request: Request<'_>,
         expects_response: bool,
-        wants_head: bool,
-    ) -> Result<(Pending, Option<oneshot::Receiver<FetchHead>>), ClientError> {
+        head: Option<oneshot::Sender<FetchHead>>,
+    ) -> Result<Pending, ClientError> {
         let mut state = self.state.borrow_mut();
         if let Some(reason) = &state.closed {
             return Err(reason.later_error());
@@ -258,14 +258,11 @@ impl Connection {
                 frame_bytes_max: limit,
             });
         }
-        let mut head = None;
         let (job, pending) = if expects_response {
             let (sender, receiver) = oneshot::channel();
             state.waiters.insert(correlation_id, sender);
-            if wants_head {
-                let (sender, receiver) = oneshot::channel();
-                state.heads.insert(correlation_id, sender);
-                head = Some(receiver);
+            if let Some(head) = head {
+                state.heads.insert(correlation_id, head);
             }
             let job = WriteJob::Frame {
                 bytes,
@@ -289,7 +286,7 @@ impl Connection {
             self.close(reason.clone());
             return Err(reason.later_error());
         }
-        Ok((pending, head))
+        Ok(pending)
     }
 
     /// Hands the head of the partly read frame `partial` (length prefix
@@ -306,7 +303,7 @@ impl Connection {
             return;
         };
         if let Some(waiter) = state.heads.remove(&frame.correlation_id)
-            && let Some(head) = FetchHead::of(body)
+            && let Some(head) = FetchHead::of(&frame.response)
         {
             let _ = waiter.send(head);
         }
@@ -345,7 +342,7 @@ impl Connection {
         };
         // A head not offered early (the frame came in one read) goes first.
         if let Some(head) = head
-            && let Some(fetched) = FetchHead::of(&body)
+            && let Some(fetched) = FetchHead::of(&frame.response)
         {
             let _ = head.send(fetched);
         }

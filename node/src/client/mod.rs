@@ -645,31 +645,22 @@ impl Client {
 
 /// A fetch answer's batches, checked against the length its head announces.
 fn fetched(body: &connection::ResponseBody) -> Result<Fetched, ClientError> {
-    match decode(body)? {
-        (
-            Response::Fetched {
-                partition,
-                high_watermark,
-                log_start_offset,
-                next_offset,
-                records_bytes,
-            },
-            raw,
-        ) => {
-            if raw.len() != records_bytes as usize {
-                return Err(ClientError::Protocol(format!(
-                    "fetch response announces {records_bytes} bytes of batches but carries {}",
-                    raw.len()
-                )));
-            }
-            Ok(Fetched {
-                partition,
-                high_watermark,
-                log_start_offset,
-                next_offset,
-                batches: body.slice_ref(raw),
-            })
-        }
-        (other, _) => Err(unexpected("Fetched", &other)),
+    let (response, raw) = decode(body)?;
+    let Some(head) = FetchHead::of(&response) else {
+        return Err(unexpected("Fetched", &response));
+    };
+    if raw.len() != head.records_bytes as usize {
+        return Err(ClientError::Protocol(format!(
+            "fetch response announces {} bytes of batches but carries {}",
+            head.records_bytes,
+            raw.len()
+        )));
     }
+    Ok(Fetched {
+        partition: head.partition,
+        high_watermark: head.high_watermark,
+        log_start_offset: head.log_start_offset,
+        next_offset: head.next_offset,
+        batches: body.slice_ref(raw),
+    })
 }

@@ -146,25 +146,17 @@ pub async fn send_range(
         }
         let count = (end - at).min(CALL_BYTES_MAX) as usize;
         // SAFETY: both descriptors are open for the call; `offset` is ours.
-        let sent = unsafe {
+        let sent = until_room(socket, || unsafe {
             libc::sendfile64(
                 socket.as_fd().as_raw_fd(),
                 file.as_raw_fd(),
                 &mut offset,
                 count,
             )
-        };
-        if sent > 0 {
-            continue;
-        }
+        })
+        .await?;
         if sent == 0 {
             return Err(super::direct::shorter_than_range());
-        }
-        let error = io::Error::last_os_error();
-        match error.kind() {
-            io::ErrorKind::WouldBlock => socket.write_ready().await?,
-            io::ErrorKind::Interrupted => {}
-            _ => return Err(error),
         }
     }
 }
@@ -178,20 +170,34 @@ pub async fn send_bytes(socket: &PollFd<OwnedFd>, mut bytes: &[u8], more: bool) 
     let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
     while !bytes.is_empty() {
         // SAFETY: `bytes` is live for the call; the descriptor is open.
-        let sent = unsafe {
+        let sent = until_room(socket, || unsafe {
             libc::send(
                 socket.as_fd().as_raw_fd(),
                 bytes.as_ptr().cast(),
                 bytes.len(),
                 flags,
             )
-        };
-        if sent > 0 {
-            bytes = &bytes[sent as usize..];
-            continue;
-        }
+        })
+        .await?;
         if sent == 0 {
             return Err(io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[sent..];
+    }
+    Ok(())
+}
+
+/// Makes `call`, a write to the non-blocking `socket` (`sendfile`, `send`),
+/// until it goes through: on `EAGAIN` it waits for room through the poll
+/// handle, on `EINTR` it tries again. Returns the bytes written.
+async fn until_room(
+    socket: &PollFd<OwnedFd>,
+    mut call: impl FnMut() -> isize,
+) -> io::Result<usize> {
+    loop {
+        let written = call();
+        if let Ok(written) = usize::try_from(written) {
+            return Ok(written);
         }
         let error = io::Error::last_os_error();
         match error.kind() {
@@ -200,7 +206,6 @@ pub async fn send_bytes(socket: &PollFd<OwnedFd>, mut bytes: &[u8], more: bool) 
             _ => return Err(error),
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
