@@ -327,6 +327,63 @@ fn hundreds_of_connections_crossing_shards_never_stall() {
     });
 }
 
+/// A topic of two partitions whose partitions are on different shards of two.
+fn topic_across_two_shards(prefix: &str) -> String {
+    use rill_node::broker::topics::shard_of;
+    (0..)
+        .map(|index| format!("{prefix}-{index}"))
+        .find(|topic| shard_of(topic, 0, 2) != shard_of(topic, 1, 2))
+        .expect("some name splits across shards")
+}
+
+#[test]
+fn a_producer_moves_to_the_shard_of_its_partition_and_loses_nothing() {
+    let broker = Broker::start(&["node.shards=2"]);
+    let topic = topic_across_two_shards("moving");
+    let per_partition = 40_000u64;
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        client.create_topic(&topic, 2, &[]).await.expect("create");
+        // All of partition 0, then all of partition 1, 32 produces in
+        // flight: wherever the connection landed, one of the two runs goes
+        // to the other shard, and the connection moves with requests in
+        // flight and frames read but not yet handled.
+        produce_range(&client, &topic, 2, 0, per_partition, Acks::Written).await;
+        let moved = metric(&broker, "rill_connections_moved_total").expect("metrics");
+        assert!(
+            moved >= 1.0,
+            "a producer to the other shard's partition moves there (moved {moved})"
+        );
+        // The connection is still counted once, wherever it is served.
+        assert_eq!(metric(&broker, "rill_connections"), Some(1.0));
+        // It keeps working after the move, for everything else too.
+        client.ping().await.expect("ping after moving");
+        for partition in 0..2 {
+            check_partition(&client, &topic, partition, per_partition).await;
+        }
+    });
+    rill_tests::wait_until(
+        "the moved connection's close is counted",
+        Duration::from_secs(30),
+        || metric(&broker, "rill_connections") == Some(0.0),
+    );
+}
+
+#[test]
+fn a_broker_told_not_to_move_connections_keeps_them() {
+    let broker = Broker::start(&["node.shards=2", "node.move_connections=false"]);
+    let topic = topic_across_two_shards("staying");
+    runtime().block_on(async {
+        let client = connect(&broker).await;
+        client.create_topic(&topic, 2, &[]).await.expect("create");
+        produce_range(&client, &topic, 2, 0, 20_000, Acks::Written).await;
+        assert_eq!(metric(&broker, "rill_connections_moved_total"), Some(0.0));
+        for partition in 0..2 {
+            check_partition(&client, &topic, partition, 20_000).await;
+        }
+    });
+}
+
 /// Produces one partition's records from one client, one durable batch at a time.
 async fn produce_partition(client: &Client, topic: &str, partition: u32, count: u64) {
     let mut next = 0;

@@ -51,6 +51,8 @@ pub struct Listeners {
     pub native: std::net::TcpListener,
     pub kafka: std::net::TcpListener,
     pub mqtt: std::net::TcpListener,
+    /// Native connections other shards move to this one.
+    pub arrived: mpsc::UnboundedReceiver<MovedConnection>,
 }
 
 /// The body of a shard thread: runtime, partitions, acceptor, storage task.
@@ -64,6 +66,7 @@ pub fn shard_main(
         native: listener,
         kafka,
         mqtt,
+        arrived,
     } = listeners;
     if shared.config.node.pin_threads {
         super::pin_to_core(index);
@@ -74,7 +77,8 @@ pub fn shard_main(
         // Before anything is spawned: every task of this shard is woken from
         // other threads through the relay (see `io::home`).
         crate::io::home::install_relay();
-        crate::io::home::homed(serve_shard(index, shared, inbox, listener, kafka, mqtt)).await
+        let listeners = (listener, kafka, mqtt, arrived);
+        crate::io::home::homed(serve_shard(index, shared, inbox, listeners)).await
     })
 }
 
@@ -82,9 +86,12 @@ async fn serve_shard(
     index: usize,
     shared: Arc<Shared>,
     inbox: mpsc::UnboundedReceiver<ShardOp>,
-    listener: std::net::TcpListener,
-    kafka: std::net::TcpListener,
-    mqtt: std::net::TcpListener,
+    (listener, kafka, mqtt, arrived): (
+        std::net::TcpListener,
+        std::net::TcpListener,
+        std::net::TcpListener,
+        mpsc::UnboundedReceiver<MovedConnection>,
+    ),
 ) -> anyhow::Result<()> {
     {
         let inbox_sender = shared.inboxes[index].clone();
@@ -109,8 +116,15 @@ async fn serve_shard(
             listener,
             shared.clone(),
             stopped.clone(),
-            |shared, _, peer| Connection::new(shared, peer),
+            move |shared, _, peer| Connection::new(shared, peer, index),
             Some(native_refusal()),
+        ))
+        .detach();
+        crate::io::home::spawn(arrival_loop(
+            arrived,
+            shared.clone(),
+            stopped.clone(),
+            index,
         ))
         .detach();
         let kafka = TcpListener::from_std(kafka)?;
@@ -226,7 +240,44 @@ pub(crate) async fn accept_loop<H, F>(
             continue;
         }
         let handler = make(shared.clone(), &stream, peer);
-        crate::io::home::spawn(serve_connection(handler, stream, stopped.clone())).detach();
+        let serve = serve_connection(handler, stream, stopped.clone(), Vec::new());
+        crate::io::home::spawn(serve).detach();
+    }
+}
+
+/// Serves the native connections other shards move to this one, until the
+/// shard stops; a connection still queued then is dropped, which closes it.
+async fn arrival_loop(
+    mut arrived: mpsc::UnboundedReceiver<MovedConnection>,
+    shared: Arc<Shared>,
+    stopped: ShutdownSignal,
+    shard: usize,
+) {
+    loop {
+        let moved = match select(arrived.next(), stopped.clone()).await {
+            Either::Left((Some(moved), _)) => moved,
+            Either::Left((None, _)) | Either::Right(_) => return,
+        };
+        let MovedConnection {
+            stream,
+            unread,
+            peer,
+            next_partition,
+            slot,
+        } = moved;
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "a moved connection could not be taken in; closing it");
+                continue;
+            }
+        };
+        let mut handler = Connection::with_slot(shared.clone(), peer, shard, slot);
+        handler.handshaken = true;
+        handler.next_partition.set(next_partition);
+        handler.placement.moved_at = Some(Instant::now());
+        let serve = serve_connection(handler, stream, stopped.clone(), unread);
+        crate::io::home::spawn(serve).detach();
     }
 }
 
@@ -313,12 +364,48 @@ struct Connection {
     view: TopicView,
     handshaken: bool,
     next_partition: Cell<u32>,
+    /// The shard serving this connection.
+    shard: usize,
+    placement: Placement,
+    /// The connection's place under `connections_max`, handed on when it moves.
+    slot: Option<ConnectionSlot>,
 }
 
-impl Drop for Connection {
+/// One counted connection: frees its place under `connections_max` when
+/// dropped, on whichever shard the connection ended.
+pub(crate) struct ConnectionSlot(Arc<Shared>);
+
+impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.shared.remove_connection();
+        self.0.remove_connection();
     }
+}
+
+/// Produces in a row to partitions of one other shard before a connection
+/// moves there.
+const MOVE_AFTER_PRODUCES: u32 = 8;
+/// A connection moves at most once in this long, so a producer alternating
+/// between shards cannot keep it moving.
+const MOVE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What decides whether a connection moves: its run of produces to
+/// partitions owned by one other shard.
+#[derive(Default)]
+struct Placement {
+    run_shard: usize,
+    run: u32,
+    moved_at: Option<Instant>,
+}
+
+/// A plaintext native connection on its way to the shard that owns what it
+/// produces to: the socket, the bytes read but not yet handled (starting
+/// with the frame that made it move), and its place under `connections_max`.
+pub struct MovedConnection {
+    stream: std::net::TcpStream,
+    unread: Vec<u8>,
+    peer: SocketAddr,
+    next_partition: u32,
+    slot: Option<ConnectionSlot>,
 }
 
 /// What the writer task sends: a whole frame, or a frame header followed by
@@ -328,6 +415,9 @@ pub(crate) enum Outgoing {
     HeaderAndPayload(Vec<u8>, Vec<u8>),
     /// Nothing to answer, but TLS has handshake or alert bytes to send.
     Flush,
+    /// The last item: write what is pending, then stop without closing the
+    /// socket, which moves to another shard.
+    Release,
     /// A frame header, segment file ranges sent with splice (no copy through
     /// user space), then bytes from memory.
     Ranges {
@@ -343,7 +433,7 @@ impl Outgoing {
         match self {
             Self::Frame(frame) => frame.len() as u64,
             Self::HeaderAndPayload(header, payload) => (header.len() + payload.len()) as u64,
-            Self::Flush => 0,
+            Self::Flush | Self::Release => 0,
             Self::Ranges { header, tail, .. } => (header.len() + tail.len()) as u64,
         }
     }
@@ -643,6 +733,11 @@ async fn write_answers_tls(
             Outgoing::Frame(frame) => encrypt(session, &[frame]),
             Outgoing::HeaderAndPayload(header, payload) => encrypt(session, &[header, payload]),
             Outgoing::Flush => encrypt(session, &[]),
+            // TLS connections never move (their session stays on this shard).
+            Outgoing::Release => {
+                debug_assert!(false, "a TLS connection asked to move");
+                Err(std::io::Error::other("a TLS connection cannot move"))
+            }
             // Fetches on TLS connections never splice (answer() reads their
             // ranges): file ranges here are a programming error.
             Outgoing::Ranges { .. } => {
@@ -693,6 +788,10 @@ async fn write_answers(
                     }
                 }
                 Outgoing::Flush => {}
+                Outgoing::Release => {
+                    flush_pending(&mut stream, &mut pending, &mut answered, in_flight).await;
+                    return;
+                }
                 Outgoing::Ranges {
                     header,
                     ranges,
@@ -799,6 +898,22 @@ pub(crate) trait FrameHandler {
     /// Called once when the reader has stopped, before the writer drains
     /// and closes, with why it stopped.
     async fn finish(&mut self, _ended: Ended) {}
+
+    /// The shard this frame, and the connection with it, should move to
+    /// before the frame is handled; `None` to handle it here. Only a
+    /// handler whose connections can move ([`FrameHandler::hand_over`])
+    /// answers anything but `None`, and never on a TLS connection.
+    fn shard_to_move_to(&mut self, _body: &[u8]) -> Option<usize> {
+        None
+    }
+
+    /// Sends the connection, drained of requests in flight, to `shard`:
+    /// its socket and the bytes read but not handled yet.
+    fn hand_over(self, _stream: std::net::TcpStream, _unread: Vec<u8>, _shard: usize)
+    where
+        Self: Sized,
+    {
+    }
 }
 
 /// Why a connection's reader stopped.
@@ -819,6 +934,7 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
     mut handler: H,
     stream: TcpStream,
     stopped: ShutdownSignal,
+    unread: Vec<u8>,
 ) {
     let _ = stream.set_nodelay(true);
     let tls = match &handler.shared().tls {
@@ -850,8 +966,11 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
     let frame_bytes_max = handler.frame_bytes_max();
     let closed = handler.close_signal();
     let mut ended = Ended::Closed;
+    let mut moving = None;
     let in_flight_max = limits.requests_in_flight_max.max(1);
-    let mut buffer: Vec<u8> = Vec::with_capacity(READ_BUFFER_BYTES);
+    // A moved connection starts with the frames its last shard read.
+    let mut buffer: Vec<u8> = unread;
+    buffer.reserve(READ_BUFFER_BYTES.saturating_sub(buffer.len()));
     // The read buffer's capacity counts against the broker's buffer budget.
     let shared = handler.shared().clone();
     let budget = &shared.buffers;
@@ -871,6 +990,12 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
         loop {
             match H::split(&buffer[consumed..], frame_bytes_max) {
                 Ok(Some((body, used))) => {
+                    if tls.is_none()
+                        && let Some(shard) = handler.shard_to_move_to(body)
+                    {
+                        moving = Some((shard, consumed));
+                        break 'connection;
+                    }
                     consumed += used;
                     // Frames already read wait too: the limits hold per request.
                     handler.in_flight().below(in_flight_max).await;
@@ -956,6 +1081,12 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
         }
     }
     budget.give_back(accounted);
+    if let Some((shard, consumed)) = moving {
+        // Everything from the frame that made it move on is served there.
+        buffer.drain(..consumed);
+        move_connection(handler, reader, writer_task, writer_for_flush, buffer, shard).await;
+        return;
+    }
     drop(buffer);
     handler.finish(ended).await;
     // Finish what is in flight, then let the writer drain and close.
@@ -963,6 +1094,38 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
     handler.set_writer(None);
     drop(writer_for_flush);
     let _ = writer_task.await;
+}
+
+/// Moves a plaintext connection to `shard`: waits until every request in
+/// flight is answered, lets the writer write what it holds and stop, then
+/// hands the socket and the unread bytes over. The requests already queued
+/// at their owners are answered before any request read after them.
+async fn move_connection<H: FrameHandler>(
+    mut handler: H,
+    reader: TcpStream,
+    writer_task: compio::runtime::JoinHandle<()>,
+    writer_for_flush: Option<mpsc::UnboundedSender<Answer>>,
+    unread: Vec<u8>,
+    shard: usize,
+) {
+    handler.in_flight().below(1).await;
+    if let Some(writer) = &writer_for_flush {
+        let _ = writer.unbounded_send((Outgoing::Release, false));
+    }
+    handler.set_writer(None);
+    drop(writer_for_flush);
+    let _ = writer_task.await;
+    use std::os::fd::AsFd;
+    // The socket goes on as a descriptor of its own; this shard's runtime
+    // closes its own when `reader` drops, with nothing pending on it.
+    let stream = reader.as_fd().try_clone_to_owned();
+    drop(reader);
+    match stream {
+        Ok(stream) => handler.hand_over(std::net::TcpStream::from(stream), unread, shard),
+        Err(error) => {
+            tracing::warn!(peer = %handler.peer(), %error, "a connection could not move; closing it");
+        }
+    }
 }
 
 impl FrameHandler for Connection {
@@ -1006,6 +1169,68 @@ impl FrameHandler for Connection {
             _ => ErrorCode::InvalidRequest,
         };
         self.send_frame(error_frame(0, &OpError::new(code, error.to_string())));
+    }
+
+    /// A producer whose produces keep going to partitions of one other
+    /// shard moves there: every batch would otherwise cross threads twice
+    /// (to the owner and the answer back), which costs the broker more CPU
+    /// than writing the batch. Unknown topics, round-robin produces and
+    /// every other request leave the connection where it is.
+    fn shard_to_move_to(&mut self, body: &[u8]) -> Option<usize> {
+        if !self.handshaken
+            || self.shared.tls.is_some()
+            || !self.shared.config.node.move_connections
+            || self.shared.shards() < 2
+        {
+            return None;
+        }
+        let Ok(RequestFrame {
+            request: Request::Produce { topic, target, .. },
+            ..
+        }) = RequestFrame::decode(body)
+        else {
+            return None;
+        };
+        let partitions = self.view.table.get(topic).map(|meta| meta.partitions);
+        let partition = match (target, partitions) {
+            (Target::Partition(partition), Some(partitions)) if partition < partitions => {
+                Some(partition)
+            }
+            (Target::Key(key), Some(partitions)) => Some(partition_for_key(key, partitions)),
+            _ => None,
+        };
+        let owner = partition.map(|partition| shard_of(topic, partition, self.shared.shards()));
+        let placement = &mut self.placement;
+        match owner {
+            Some(owner) if owner != self.shard => {
+                if owner != placement.run_shard {
+                    placement.run_shard = owner;
+                    placement.run = 0;
+                }
+                placement.run = placement.run.saturating_add(1);
+            }
+            _ => placement.run = 0,
+        }
+        let settled = placement
+            .moved_at
+            .is_some_and(|moved| moved.elapsed() < MOVE_INTERVAL);
+        (placement.run >= MOVE_AFTER_PRODUCES && !settled).then_some(placement.run_shard)
+    }
+
+    fn hand_over(mut self, stream: std::net::TcpStream, unread: Vec<u8>, shard: usize) {
+        tracing::debug!(peer = %self.peer, from = self.shard, to = shard, "connection moves to the shard it produces to");
+        self.shared
+            .metrics
+            .connections_moved
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let moved = MovedConnection {
+            stream,
+            unread,
+            peer: self.peer,
+            next_partition: self.next_partition.get(),
+            slot: self.slot.take(),
+        };
+        self.shared.move_connection(shard, moved);
     }
 
     /// Handles one frame. Returns `false` when the connection must close.
@@ -1120,9 +1345,21 @@ impl FrameHandler for Connection {
 }
 
 impl Connection {
-    fn new(shared: Arc<Shared>, peer: SocketAddr) -> Self {
+    /// A connection just accepted (and counted) on `shard`.
+    fn new(shared: Arc<Shared>, peer: SocketAddr, shard: usize) -> Self {
+        let slot = ConnectionSlot(shared.clone());
+        Self::with_slot(shared, peer, shard, Some(slot))
+    }
+
+    fn with_slot(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        shard: usize,
+        slot: Option<ConnectionSlot>,
+    ) -> Self {
         let view = shared.topics.snapshot();
         Self {
+            slot,
             shared,
             peer,
             writer: None,
@@ -1130,6 +1367,8 @@ impl Connection {
             view,
             handshaken: false,
             next_partition: Cell::new(0),
+            shard,
+            placement: Placement::default(),
         }
     }
 

@@ -94,6 +94,8 @@ pub struct Metrics {
     pub produce_latency: Histogram,
     pub fetch_latency: Histogram,
     pub connections_rejected: AtomicU64,
+    /// Native connections moved to the shard owning what they produce to.
+    pub connections_moved: AtomicU64,
     pub frames_rejected: AtomicU64,
     /// Segment bytes sent to fetchers, by [`FetchPath`].
     fetch_sent_bytes: [AtomicU64; FETCH_PATHS.len()],
@@ -133,6 +135,7 @@ impl Metrics {
             produce_latency: Histogram::default(),
             fetch_latency: Histogram::default(),
             connections_rejected: AtomicU64::new(0),
+            connections_moved: AtomicU64::new(0),
             frames_rejected: AtomicU64::new(0),
             fetch_sent_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
             kafka_requests: (0..KAFKA_API_KEYS).map(|_| AtomicU64::new(0)).collect(),
@@ -227,6 +230,15 @@ impl Metrics {
             out,
             "rill_connections_rejected_total {}",
             self.connections_rejected.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP rill_connections_moved_total Native connections moved to the shard that owns the partition they produce to.\n# TYPE rill_connections_moved_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "rill_connections_moved_total {}",
+            self.connections_moved.load(Ordering::Relaxed)
         );
         let _ = writeln!(out, "# TYPE rill_frames_rejected_total counter");
         let _ = writeln!(

@@ -98,6 +98,8 @@ pub struct Shared {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub buffers: BufferBudget,
     inboxes: Vec<mpsc::UnboundedSender<ShardOp>>,
+    /// Where each shard takes in native connections moved to it.
+    arrivals: Vec<mpsc::UnboundedSender<connection::MovedConnection>>,
     connections: AtomicU32,
     stats: Vec<Mutex<Vec<PartitionStats>>>,
     shutting_down: AtomicBool,
@@ -129,6 +131,14 @@ impl Shared {
 
     pub fn remove_connection(&self) {
         self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Hands a connection to `shard`'s acceptor. A shard that has stopped
+    /// drops it, which closes the socket and frees its count.
+    pub(crate) fn move_connection(&self, shard: usize, moved: connection::MovedConnection) {
+        if let Some(arrivals) = self.arrivals.get(shard) {
+            let _ = arrivals.unbounded_send(moved);
+        }
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -593,6 +603,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     };
     let shards = config.node.shards.max(1);
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::unbounded()).unzip();
+    let (arrivals, arrived): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::unbounded()).unzip();
     let shared = Arc::new(Shared {
         metrics: Metrics::new(shards),
         tls,
@@ -605,6 +616,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         mirror: crate::mirror::MirrorState::default(),
         usage: DiskUsage::default(),
         inboxes: senders,
+        arrivals,
         connections: AtomicU32::new(0),
         stats: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
         shutting_down: AtomicBool::new(false),
@@ -617,7 +629,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     install_signal_handling(shared.clone())?;
     admin::spawn(admin, shared.clone())?;
     let mut threads = Vec::new();
-    for (index, inbox) in receivers.into_iter().enumerate() {
+    for (index, (inbox, arrived)) in receivers.into_iter().zip(arrived).enumerate() {
         let shared = shared.clone();
         let listener = native.try_clone().context("sharing the native listener")?;
         let kafka = kafka.try_clone().context("sharing the Kafka listener")?;
@@ -630,7 +642,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                         index,
                         shared.clone(),
                         inbox,
-                        connection::Listeners { native: listener, kafka, mqtt },
+                        connection::Listeners {
+                            native: listener,
+                            kafka,
+                            mqtt,
+                            arrived,
+                        },
                     );
                     if let Err(error) = &result {
                         // The other shards must not run on half-alive.

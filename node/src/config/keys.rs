@@ -170,6 +170,12 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         "Pin each shard thread to its own core.",
     ),
     key(
+        "node.move_connections",
+        Kind::Switch,
+        "true/false",
+        "Move a plaintext native-protocol connection to the shard that owns the partition it keeps producing to.",
+    ),
+    key(
         "listeners.native",
         Kind::Address,
         "IP:port",

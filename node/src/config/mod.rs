@@ -109,6 +109,7 @@ pub struct NodeSection {
     pub io_driver: IoDriverSetting,
     pub memory_budget_bytes: u64,
     pub pin_threads: bool,
+    pub move_connections: bool,
 }
 
 impl Default for NodeSection {
@@ -118,6 +119,7 @@ impl Default for NodeSection {
             io_driver: IoDriverSetting::Auto,
             memory_budget_bytes: 256 << 20,
             pin_threads: false,
+            move_connections: true,
         }
     }
 }
