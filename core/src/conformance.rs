@@ -262,8 +262,9 @@ pub async fn torn_tail_is_cut<S: Storage>(storage: S, directory: &Path, config: 
     let torn = make_batch(2, 100, 10, 7);
     let mut buffer = AlignedBuf::with_capacity(torn.len(), 1);
     buffer.extend_from_slice(&torn[..torn.len() / 2]);
-    let (result, _) = file.write_at(buffer, good_bytes).await;
-    result.expect("write torn tail");
+    file.write_at(std::rc::Rc::new(buffer), good_bytes)
+        .await
+        .expect("write torn tail");
     file.sync_data().await.expect("sync");
     drop(file);
 

@@ -9,6 +9,8 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::rc::Rc;
 
 use crate::batch::{self, BATCH_HEADER_BYTES, BatchHeader};
 use crate::index::{
@@ -168,17 +170,53 @@ pub async fn scan_batches<F: StorageFile>(
 /// The buffer holds every byte from `buffer_start` (a block boundary) to the
 /// logical end. Appends land in it; once it holds `write_buffer_bytes`, its
 /// whole blocks go to the file in one large write, which keeps direct I/O at
-/// the disk's sequential speed. A flush (before a sync, at seal and close)
-/// also writes the partial last block, zero-padded; the next write rewrites
-/// that block with more data. Bytes from `buffer_start` on are served to
-/// readers from the buffer, so nothing appended is ever invisible.
+/// the disk's sequential speed. That write is left in flight while appends
+/// fill a second buffer (the partial last block moves over with them), so
+/// copying batches in and writing them out overlap; the next full buffer
+/// waits for it first. A flush (before a sync, at seal and close) waits for
+/// the write in flight, then writes the partial last block too, zero-padded;
+/// the next write rewrites that block with more data. Bytes from
+/// [`Self::memory_start`] on, in flight or buffered, are served to readers
+/// from memory, so nothing appended is ever invisible. A write that fails
+/// puts its bytes back in front of the buffer, to be written again.
 #[derive(Debug)]
 struct SegmentWriter<F> {
     file: F,
-    buffer: Option<AlignedBuf>,
+    buffer: AlignedBuf,
     buffer_start: u64,
     block_bytes: u64,
     write_buffer_bytes: usize,
+    flight: Option<Flight>,
+    /// The allocation of the last write that landed, for the next buffer.
+    spare: Option<AlignedBuf>,
+}
+
+/// A write of whole blocks on its way to the file: `bytes` go at `start`,
+/// and readers are served them from here until it lands.
+struct Flight {
+    start: u64,
+    bytes: Rc<AlignedBuf>,
+    done: Pin<Box<dyn Future<Output = io::Result<()>>>>,
+}
+
+impl std::fmt::Debug for Flight {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Flight")
+            .field("start", &self.start)
+            .field("bytes", &self.bytes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Takes back a buffer shared with a write that has finished.
+fn unshared(buffer: Rc<AlignedBuf>) -> AlignedBuf {
+    Rc::try_unwrap(buffer).unwrap_or_else(|shared| {
+        // Only if a driver kept its share past completion: copy instead.
+        let mut copy = AlignedBuf::with_capacity(shared.capacity(), shared.alignment());
+        copy.extend_from_slice(shared.as_slice());
+        copy
+    })
 }
 
 impl<F: StorageFile> SegmentWriter<F> {
@@ -188,66 +226,166 @@ impl<F: StorageFile> SegmentWriter<F> {
         } else {
             1
         };
-        let capacity = write_buffer_bytes.max(64 * 1024) + 2 * block_bytes;
-        let mut buffer = AlignedBuf::with_capacity(capacity, block_bytes);
+        let mut buffer = AlignedBuf::with_capacity(
+            Self::capacity_for(write_buffer_bytes, block_bytes),
+            block_bytes,
+        );
         buffer.extend_from_slice(partial_block);
         Self {
             file,
-            buffer: Some(buffer),
+            buffer,
             buffer_start,
             block_bytes: block_bytes as u64,
             write_buffer_bytes,
+            flight: None,
+            spare: None,
         }
     }
 
-    fn buffered(&self) -> &[u8] {
-        self.buffer.as_ref().map_or(&[], AlignedBuf::as_slice)
+    fn capacity_for(write_buffer_bytes: usize, block_bytes: usize) -> usize {
+        write_buffer_bytes.max(64 * 1024) + 2 * block_bytes
     }
 
-    /// Adds a batch at the end; writes whole blocks once the buffer is full.
-    /// On error the batch is taken out again and the writer is as before.
+    /// Where the bytes served from memory start: the write in flight's, else
+    /// the buffer's.
+    fn memory_start(&self) -> u64 {
+        self.flight
+            .as_ref()
+            .map_or(self.buffer_start, |flight| flight.start)
+    }
+
+    /// The bytes in memory with where each part starts: the write in
+    /// flight, then the buffer.
+    fn memory(&self) -> [(u64, &[u8]); 2] {
+        let flight = self
+            .flight
+            .as_ref()
+            .map_or((self.buffer_start, &[][..]), |flight| {
+                (flight.start, flight.bytes.as_slice())
+            });
+        [flight, (self.buffer_start, self.buffer.as_slice())]
+    }
+
+    /// Adds a batch at the end; starts writing whole blocks once the buffer
+    /// is full. On error the batch is taken out again, and every byte before
+    /// it stays buffered (a failed write's bytes come back to the buffer).
     async fn append(&mut self, bytes: &[u8], stamp: impl FnOnce(&mut [u8])) -> io::Result<()> {
-        let buffer = self
-            .buffer
-            .as_mut()
-            .expect("writer buffer present between writes");
-        let before = buffer.len();
-        buffer.extend_from_slice(bytes);
-        stamp(&mut buffer.as_mut_slice()[before..]);
-        if buffer.len() >= self.write_buffer_bytes.max(1)
-            && let Err(error) = self.write_out(false).await
+        let end_before = self.buffer_start + self.buffer.len() as u64;
+        let before = self.buffer.len();
+        self.buffer.extend_from_slice(bytes);
+        stamp(&mut self.buffer.as_mut_slice()[before..]);
+        if self.buffer.len() >= self.write_buffer_bytes.max(1)
+            && let Err(error) = self.start_write().await
         {
-            let buffer = self.buffer.as_mut().expect("buffer returned after a write");
-            buffer.set_len(before);
+            let keep = (end_before - self.buffer_start) as usize;
+            self.buffer.set_len(keep);
             return Err(error);
         }
         Ok(())
     }
 
-    /// Writes the whole blocks of the buffer, and with `include_partial` the
-    /// last partial block too (zero-padded). Keeps the partial block buffered.
-    async fn write_out(&mut self, include_partial: bool) -> io::Result<()> {
-        let mut buffer = self
-            .buffer
-            .take()
-            .expect("writer buffer present between writes");
-        let logical = buffer.len();
-        let whole = logical - logical % self.block_bytes as usize;
-        let write_length = if include_partial { logical } else { whole };
-        if write_length == 0 {
-            self.buffer = Some(buffer);
+    /// Waits for the write in flight, if there is one.
+    async fn land(&mut self) -> io::Result<()> {
+        let Some(flight) = self.flight.as_mut() else {
+            return Ok(());
+        };
+        let result = flight.done.as_mut().await;
+        self.settle(result)
+    }
+
+    /// Ends the write in flight with `result`. On failure its bytes go back
+    /// in front of the buffer.
+    fn settle(&mut self, result: io::Result<()>) -> io::Result<()> {
+        let Some(Flight { start, bytes, done }) = self.flight.take() else {
+            return result;
+        };
+        drop(done);
+        let mut bytes = unshared(bytes);
+        match result {
+            Ok(()) => {
+                bytes.clear();
+                self.spare = Some(bytes);
+                Ok(())
+            }
+            Err(error) => {
+                bytes.extend_from_slice(self.buffer.as_slice());
+                let mut later = std::mem::replace(&mut self.buffer, bytes);
+                later.clear();
+                self.spare = Some(later);
+                self.buffer_start = start;
+                Err(error)
+            }
+        }
+    }
+
+    /// Starts writing the buffer's whole blocks, once the write before has
+    /// landed, and goes on with the partial last block in a fresh buffer.
+    async fn start_write(&mut self) -> io::Result<()> {
+        self.land().await?;
+        let length = self.buffer.len();
+        let whole = length - length % self.block_bytes as usize;
+        if whole == 0 {
             return Ok(());
         }
-        buffer.set_len(write_length);
+        let block_bytes = self.block_bytes as usize;
+        let capacity = Self::capacity_for(self.write_buffer_bytes, block_bytes);
+        let mut next = self
+            .spare
+            .take()
+            .unwrap_or_else(|| AlignedBuf::with_capacity(capacity, block_bytes));
+        next.extend_from_slice(&self.buffer.as_slice()[whole..]);
+        let mut full = std::mem::replace(&mut self.buffer, next);
+        full.set_len(whole);
+        let bytes = Rc::new(full);
+        let start = self.buffer_start;
+        let (file, shared) = (self.file.clone(), bytes.clone());
+        let mut done: Pin<Box<dyn Future<Output = io::Result<()>>>> =
+            Box::pin(async move { file.write_at(shared, start).await });
+        // One poll hands the write to the driver; a driver that writes at
+        // once is done here.
+        let finished = std::future::poll_fn(|context| {
+            std::task::Poll::Ready(match done.as_mut().poll(context) {
+                std::task::Poll::Ready(result) => Some(result),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await;
+        self.buffer_start += whole as u64;
+        self.flight = Some(Flight { start, bytes, done });
+        match finished {
+            Some(result) => self.settle(result),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes everything buffered, the partial last block too (zero-padded),
+    /// after the write in flight, and waits for it. Keeps the partial block
+    /// buffered; the next write rewrites it.
+    async fn write_out(&mut self) -> io::Result<()> {
+        self.land().await?;
+        let logical = self.buffer.len();
+        if logical == 0 {
+            return Ok(());
+        }
+        let whole = logical - logical % self.block_bytes as usize;
+        let placeholder = self
+            .spare
+            .take()
+            .unwrap_or_else(|| AlignedBuf::with_capacity(0, self.block_bytes as usize));
+        let mut buffer = std::mem::replace(&mut self.buffer, placeholder);
         buffer.pad_to_alignment();
-        let (result, mut buffer) = self.file.write_at(buffer, self.buffer_start).await;
+        let shared = Rc::new(buffer);
+        let result = self.file.write_at(shared.clone(), self.buffer_start).await;
+        let mut buffer = unshared(shared);
         // The allocation still holds every logical byte: restore the length.
         buffer.set_len(logical);
         if result.is_ok() {
             buffer.keep_range(whole, logical - whole);
             self.buffer_start += whole as u64;
         }
-        self.buffer = Some(buffer);
+        let mut placeholder = std::mem::replace(&mut self.buffer, buffer);
+        placeholder.clear();
+        self.spare = Some(placeholder);
         result
     }
 }
@@ -344,7 +482,7 @@ impl<F: StorageFile> Segment<F> {
     /// file, so a sync that follows covers every byte appended so far.
     pub async fn flush(&mut self) -> io::Result<()> {
         match self.writer.as_mut() {
-            Some(writer) => writer.write_out(true).await,
+            Some(writer) => writer.write_out().await,
             None => Ok(()),
         }
     }
@@ -354,22 +492,26 @@ impl<F: StorageFile> Segment<F> {
     fn memory_start(&self) -> u64 {
         self.writer
             .as_ref()
-            .map_or(self.size_bytes, |writer| writer.buffer_start)
+            .map_or(self.size_bytes, SegmentWriter::memory_start)
     }
 
     /// The bytes of `position..position + length` that live in the writer's
-    /// buffer (from `memory_start` on), or nothing.
-    pub fn memory_bytes(&self, position: u64, length: u64) -> &[u8] {
+    /// memory (from `memory_start` on), in order: the part in the write in
+    /// flight, then the part in the buffer. Either may be empty.
+    pub fn memory_bytes(&self, position: u64, length: u64) -> [&[u8]; 2] {
+        let mut parts: [&[u8]; 2] = [&[], &[]];
         let Some(writer) = self.writer.as_ref() else {
-            return &[];
+            return parts;
         };
-        let start = position.max(writer.buffer_start);
         let end = (position + length).min(self.size_bytes);
-        if start >= end {
-            return &[];
+        for (part, (start, bytes)) in parts.iter_mut().zip(writer.memory()) {
+            let from = position.max(start);
+            let to = end.min(start + bytes.len() as u64);
+            if from < to {
+                *part = &bytes[(from - start) as usize..(to - start) as usize];
+            }
         }
-        let from = (start - writer.buffer_start) as usize;
-        &writer.buffered()[from..from + (end - start) as usize]
+        parts
     }
 
     /// The part of `position..position + length` that is in the file.
@@ -386,7 +528,9 @@ impl<F: StorageFile> Segment<F> {
         } else {
             Vec::with_capacity(length)
         };
-        bytes.extend_from_slice(self.memory_bytes(position, length as u64));
+        for part in self.memory_bytes(position, length as u64) {
+            bytes.extend_from_slice(part);
+        }
         if bytes.len() != length {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -711,7 +855,7 @@ impl<F: StorageFile> Segment<F> {
     pub async fn seal<S: Storage<File = F>>(&mut self, storage: &S) -> Result<(), SealError> {
         if let Some(writer) = self.writer.as_mut() {
             // Until the sync, a failure leaves the writer as it was: retryable.
-            writer.write_out(true).await.map_err(SealError::Write)?;
+            writer.write_out().await.map_err(SealError::Write)?;
             writer
                 .file
                 .truncate(self.size_bytes)
@@ -815,7 +959,7 @@ async fn write_plain<S: Storage>(
     let file = storage.open(path, OpenMode::WRITE)?;
     let mut buffer = AlignedBuf::with_capacity(bytes.len(), 1);
     buffer.extend_from_slice(bytes);
-    file.write_at(buffer, position).await.0
+    file.write_at(Rc::new(buffer), position).await
 }
 
 /// A whole small file, or nothing when it is missing or unreadable: indexes are

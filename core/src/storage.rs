@@ -13,6 +13,7 @@ pub mod portable;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 pub use aligned::AlignedBuf;
 
@@ -72,13 +73,16 @@ pub trait Storage: Clone + std::fmt::Debug {
 
 /// One open file. Clones share the same open file.
 #[allow(async_fn_in_trait)]
-pub trait StorageFile: Clone + std::fmt::Debug {
+pub trait StorageFile: Clone + std::fmt::Debug + 'static {
     /// Reads up to `buffer.len()` bytes at `position`; returns how many were read
     /// (fewer only at the end of the file).
     async fn read_at(&self, buffer: Vec<u8>, position: u64) -> (io::Result<usize>, Vec<u8>);
     /// Writes all of `buffer` at `position`. With direct I/O, `position` and the
-    /// buffer length are multiples of [`DIRECT_IO_ALIGNMENT_BYTES`].
-    async fn write_at(&self, buffer: AlignedBuf, position: u64) -> (io::Result<()>, AlignedBuf);
+    /// buffer length are multiples of [`DIRECT_IO_ALIGNMENT_BYTES`]. The buffer
+    /// is shared, not lent: the caller may keep reading it while the write is
+    /// in flight, and it stays alive until the write is done even if the
+    /// future is dropped first.
+    async fn write_at(&self, buffer: Rc<AlignedBuf>, position: u64) -> io::Result<()>;
     /// Makes written data durable (fdatasync).
     async fn sync_data(&self) -> io::Result<()>;
     async fn truncate(&self, length: u64) -> io::Result<()>;
@@ -139,8 +143,7 @@ pub async fn write_file_atomic<S: Storage>(
         file.truncate(0).await?;
         let mut buffer = AlignedBuf::with_capacity(contents.len(), 1);
         buffer.extend_from_slice(contents);
-        let (result, _) = file.write_at(buffer, 0).await;
-        result?;
+        file.write_at(Rc::new(buffer), 0).await?;
         file.sync_data().await?;
     }
     storage.rename(&temporary, path)?;
@@ -157,14 +160,20 @@ pub async fn read_file<S: Storage>(storage: &S, path: &Path) -> io::Result<Vec<u
 }
 
 /// Drives a future that completes without waiting on any reactor, as every
-/// operation of the portable and in-memory storages does. Tests, `verify` and
-/// tools use it; a future that would block is a programmer error.
+/// operation of the portable and in-memory storages does (an in-memory write
+/// may ask to be polled again, [`memory::MemoryStorage::set_write_delay_polls`]).
+/// Tests, `verify` and tools use it; a future that would block is a
+/// programmer error.
 pub fn block_on_ready<T>(future: impl std::future::Future<Output = T>) -> T {
     use std::task::{Context, Poll, Waker};
+    /// Far more polls than any delayed write asks for, far fewer than a hang.
+    const POLLS_MAX: u64 = 1 << 24;
     let mut future = std::pin::pin!(future);
     let mut context = Context::from_waker(Waker::noop());
-    match future.as_mut().poll(&mut context) {
-        Poll::Ready(value) => value,
-        Poll::Pending => panic!("block_on_ready used with a future that waits on a reactor"),
+    for _ in 0..POLLS_MAX {
+        if let Poll::Ready(value) = future.as_mut().poll(&mut context) {
+            return value;
+        }
     }
+    panic!("block_on_ready used with a future that waits on a reactor")
 }

@@ -40,8 +40,10 @@ fn pick(range_start: i64, range_end: i64, pick: u16) -> i64 {
     range_start + i64::from(pick) % (range_end - range_start + 1)
 }
 
-async fn run(operations: Vec<Operation>) {
+async fn run(operations: Vec<Operation>, write_delay_polls: u32) {
     let storage = MemoryStorage::new();
+    // Writes left in flight while later appends and reads go on.
+    storage.set_write_delay_polls(write_delay_polls);
     let directory = Path::new("/data/p/0");
     let config = LogConfig {
         direct_io: false,
@@ -151,7 +153,10 @@ async fn run(operations: Vec<Operation>) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
     #[test]
-    fn log_behaves_like_the_model(operations in proptest::collection::vec(operation(), 1..80)) {
-        block_on_ready(run(operations));
+    fn log_behaves_like_the_model(
+        operations in proptest::collection::vec(operation(), 1..80),
+        write_delay_polls in 0u32..3,
+    ) {
+        block_on_ready(run(operations, write_delay_polls));
     }
 }

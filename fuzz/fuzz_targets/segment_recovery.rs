@@ -29,7 +29,11 @@ fuzz_target!(|input: &[u8]| {
             let file = storage.open(path, OpenMode::WRITE).expect("open file");
             let mut buffer = AlignedBuf::with_capacity(bytes.len(), 1);
             buffer.extend_from_slice(bytes);
-            async move { file.write_at(buffer, position).await.0.expect("write") }
+            async move {
+                file.write_at(std::rc::Rc::new(buffer), position)
+                    .await
+                    .expect("write")
+            }
         };
         write(&directory.join("00000000000000000000.log"), tail, end).await;
         if checkpoint.len() == 48 {

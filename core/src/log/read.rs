@@ -151,9 +151,9 @@ impl<S: Storage> PartitionLog<S> {
                         length: file_length,
                     }),
                 }
-                slice
-                    .memory_tail
-                    .extend_from_slice(segment.memory_bytes(position, span));
+                for part in segment.memory_bytes(position, span) {
+                    slice.memory_tail.extend_from_slice(part);
+                }
                 slice.bytes += span;
                 wanted = span_next_offset;
                 slice.next_fetch_offset = wanted;

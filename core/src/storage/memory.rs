@@ -92,6 +92,9 @@ struct FileSystem {
     space_bytes_max: Option<u64>,
     operations_until_failure: Option<u64>,
     operations_total: u64,
+    /// Times a write answers "not yet" before it takes effect, so writes
+    /// stay in flight the way a completion-based driver's do.
+    write_delay_polls: u32,
 }
 
 impl FileSystem {
@@ -129,6 +132,21 @@ pub struct MemoryFile {
     fs: Rc<RefCell<FileSystem>>,
 }
 
+/// Answers "not yet" once (asking to be polled again), then "done".
+async fn not_yet() {
+    let mut answered = false;
+    std::future::poll_fn(|context| {
+        if answered {
+            std::task::Poll::Ready(())
+        } else {
+            answered = true;
+            context.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
 fn not_found(path: &Path) -> io::Error {
     io::Error::new(
         io::ErrorKind::NotFound,
@@ -149,6 +167,12 @@ impl MemoryStorage {
     /// After `operations` more file operations, every operation fails with EIO.
     pub fn fail_after_operations(&self, operations: Option<u64>) {
         self.fs.borrow_mut().operations_until_failure = operations;
+    }
+
+    /// Makes every write stay in flight for `polls` polls before it takes
+    /// effect (0, the default, completes writes at once).
+    pub fn set_write_delay_polls(&self, polls: u32) {
+        self.fs.borrow_mut().write_delay_polls = polls;
     }
 
     /// File operations performed so far (reads, writes, syncs, truncations).
@@ -333,11 +357,13 @@ impl StorageFile for MemoryFile {
         (Ok(read), buffer)
     }
 
-    async fn write_at(&self, buffer: AlignedBuf, position: u64) -> (io::Result<()>, AlignedBuf) {
-        let mut fs = self.fs.borrow_mut();
-        if let Err(error) = fs.tick() {
-            return (Err(error), buffer);
+    async fn write_at(&self, buffer: Rc<AlignedBuf>, position: u64) -> io::Result<()> {
+        let delay = self.fs.borrow().write_delay_polls;
+        for _ in 0..delay {
+            not_yet().await;
         }
+        let mut fs = self.fs.borrow_mut();
+        fs.tick()?;
         let position = position as usize;
         let bytes = buffer.as_slice();
         let mut state = self.state.borrow_mut();
@@ -365,7 +391,7 @@ impl StorageFile for MemoryFile {
             apply(&mut state.data, &operation);
             state.pending.push(operation);
         }
-        (result, buffer)
+        result
     }
 
     async fn sync_data(&self) -> io::Result<()> {

@@ -143,9 +143,8 @@ impl StorageFile for PortableFile {
         (Ok(filled), buffer)
     }
 
-    async fn write_at(&self, buffer: AlignedBuf, position: u64) -> (io::Result<()>, AlignedBuf) {
-        let result = self.file.write_all_at(buffer.as_slice(), position);
-        (result, buffer)
+    async fn write_at(&self, buffer: Rc<AlignedBuf>, position: u64) -> io::Result<()> {
+        self.file.write_all_at(buffer.as_slice(), position)
     }
 
     async fn sync_data(&self) -> io::Result<()> {

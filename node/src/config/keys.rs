@@ -335,7 +335,7 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         "topic_defaults.write_buffer_bytes",
         Kind::Bytes,
         "bytes",
-        "Appended bytes a partition collects in memory before one large write (at most 64 MiB). 0 writes every append through.",
+        "Appended bytes a partition collects in memory before one large write (at most 64 MiB); a second buffer fills while that write is on its way. 0 writes every append through.",
     ),
     key(
         "topic_defaults.disk_full_policy",

@@ -203,7 +203,7 @@ impl StorageFile for NodeFile {
         dispatch_file!(self, file => file.read_at(buffer, position).await)
     }
 
-    async fn write_at(&self, buffer: AlignedBuf, position: u64) -> (io::Result<()>, AlignedBuf) {
+    async fn write_at(&self, buffer: std::rc::Rc<AlignedBuf>, position: u64) -> io::Result<()> {
         dispatch_file!(self, file => file.write_at(buffer, position).await)
     }
 

@@ -7,6 +7,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use compio::buf::{IntoInner, IoBuf};
 use compio::io::{AsyncReadAt, AsyncWriteAtExt};
@@ -24,8 +25,9 @@ pub struct UringFile {
     direct: bool,
 }
 
-/// Lets the ring read an aligned buffer it owns while the write is in flight.
-struct WriteBuffer(AlignedBuf);
+/// Lets the ring read an aligned buffer it holds a share of while the write
+/// is in flight: the buffer lives until the ring is done with it.
+struct WriteBuffer(Rc<AlignedBuf>);
 
 impl IoBuf for WriteBuffer {
     fn as_init(&self) -> &[u8] {
@@ -107,11 +109,11 @@ impl StorageFile for UringFile {
         rill_core::storage::portable::advise_will_need(self.file.as_raw_fd(), position, length);
     }
 
-    async fn write_at(&self, buffer: AlignedBuf, position: u64) -> (io::Result<()>, AlignedBuf) {
-        let compio::BufResult(result, buffer) = (&self.file)
+    async fn write_at(&self, buffer: Rc<AlignedBuf>, position: u64) -> io::Result<()> {
+        (&self.file)
             .write_all_at(WriteBuffer(buffer), position)
-            .await;
-        (result, buffer.0)
+            .await
+            .0
     }
 
     async fn sync_data(&self) -> io::Result<()> {
