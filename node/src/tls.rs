@@ -131,30 +131,34 @@ pub fn encrypt(session: &TlsSession, plaintext: &[&[u8]]) -> io::Result<Vec<u8>>
 /// Reads more plaintext into `buffer`: straight from the socket, or through
 /// the TLS session, calling `wants_write` when the session has bytes to send
 /// (handshake messages, alerts). `Ok(0)` is the end of the stream.
-pub async fn read_plaintext(
+pub async fn read_plaintext<B: compio::buf::IoBufMut>(
     reader: &mut TcpStream,
     tls: Option<&TlsSession>,
     wants_write: impl Fn(),
-    mut buffer: Vec<u8>,
-) -> compio::BufResult<usize, Vec<u8>> {
+    mut buffer: B,
+) -> compio::BufResult<usize, B> {
     let Some(session) = tls else {
         return reader.append(buffer).await;
     };
-    let start = buffer.len();
+    let start = buffer.buf_len();
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
         // Plaintext rustls has already decrypted comes first.
         loop {
             let read = session.borrow_mut().reader().read(&mut chunk);
             match read {
-                Ok(0) => return compio::BufResult(Ok(buffer.len() - start), buffer),
-                Ok(count) => buffer.extend_from_slice(&chunk[..count]),
+                Ok(0) => return compio::BufResult(Ok(buffer.buf_len() - start), buffer),
+                Ok(count) => {
+                    if let Err(error) = buffer.extend_from_slice(&chunk[..count]) {
+                        return compio::BufResult(Err(io::Error::other(error)), buffer);
+                    }
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) => return compio::BufResult(Err(error), buffer),
             }
         }
-        if buffer.len() > start {
-            return compio::BufResult(Ok(buffer.len() - start), buffer);
+        if buffer.buf_len() > start {
+            return compio::BufResult(Ok(buffer.buf_len() - start), buffer);
         }
         let compio::BufResult(result, ciphertext) =
             reader.read(Vec::with_capacity(TLS_READ_BYTES)).await;
@@ -176,7 +180,9 @@ pub async fn read_plaintext(
                 if count == 0 {
                     break;
                 }
-                buffer.extend_from_slice(&chunk[..count]);
+                if let Err(error) = buffer.extend_from_slice(&chunk[..count]) {
+                    return compio::BufResult(Err(io::Error::other(error)), buffer);
+                }
             }
             drop(state);
             if has_output {
@@ -192,3 +198,4 @@ pub async fn read_plaintext(
         }
     }
 }
+

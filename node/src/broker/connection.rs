@@ -14,6 +14,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use compio::io::{AsyncWrite, AsyncWriteExt};
 use compio::net::{TcpListener, TcpStream};
 use futures_channel::{mpsc, oneshot};
@@ -240,7 +241,7 @@ pub(crate) async fn accept_loop<H, F>(
             continue;
         }
         let handler = make(shared.clone(), &stream, peer);
-        let serve = serve_connection(handler, stream, stopped.clone(), Vec::new());
+        let serve = serve_connection(handler, stream, stopped.clone(), BytesMut::new());
         crate::io::home::spawn(serve).detach();
     }
 }
@@ -402,7 +403,7 @@ struct Placement {
 /// with the frame that made it move), and its place under `connections_max`.
 pub struct MovedConnection {
     stream: std::net::TcpStream,
-    unread: Vec<u8>,
+    unread: BytesMut,
     peer: SocketAddr,
     next_partition: u32,
     slot: Option<ConnectionSlot>,
@@ -884,7 +885,10 @@ pub(crate) trait FrameHandler {
     /// Answers a frame that cannot be read; the connection closes after it.
     fn reject(&self, error: &FrameError);
     /// Handles one frame. Returns `false` when the connection must close.
-    async fn handle_frame(&mut self, body: &[u8]) -> bool;
+    /// `body` shares the connection's read buffer: a handler keeps a slice of
+    /// it only for as long as the request it carries is in flight, never
+    /// longer (a kept slice holds the whole read buffer's allocation).
+    async fn handle_frame(&mut self, body: &Bytes) -> bool;
     /// The largest frame [`FrameHandler::split`] is given as its limit.
     fn frame_bytes_max(&self) -> u32 {
         self.shared().config.limits.frame_bytes_max
@@ -909,7 +913,7 @@ pub(crate) trait FrameHandler {
 
     /// Sends the connection, drained of requests in flight, to `shard`:
     /// its socket and the bytes read but not handled yet.
-    fn hand_over(self, _stream: std::net::TcpStream, _unread: Vec<u8>, _shard: usize)
+    fn hand_over(self, _stream: std::net::TcpStream, _unread: BytesMut, _shard: usize)
     where
         Self: Sized,
     {
@@ -934,7 +938,7 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
     mut handler: H,
     stream: TcpStream,
     stopped: ShutdownSignal,
-    unread: Vec<u8>,
+    unread: BytesMut,
 ) {
     let _ = stream.set_nodelay(true);
     let tls = match &handler.shared().tls {
@@ -968,15 +972,17 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
     let mut ended = Ended::Closed;
     let mut moving = None;
     let in_flight_max = limits.requests_in_flight_max.max(1);
-    // A moved connection starts with the frames its last shard read.
-    let mut buffer: Vec<u8> = unread;
+    // A moved connection starts with the frames its last shard read. Frames
+    // are split off the front as `Bytes`, so a produce's batch reaches its
+    // shard without being copied out of the buffer it was read into.
+    let mut buffer = unread;
     buffer.reserve(READ_BUFFER_BYTES.saturating_sub(buffer.len()));
     // The read buffer's capacity counts against the broker's buffer budget.
     let shared = handler.shared().clone();
     let budget = &shared.buffers;
     let mut accounted = buffer.capacity() as u64;
     budget.take(accounted);
-    let account = |buffer: &Vec<u8>, accounted: &mut u64| {
+    let account = |buffer: &BytesMut, accounted: &mut u64| {
         let now = buffer.capacity() as u64;
         if now > *accounted {
             budget.take(now - *accounted);
@@ -986,17 +992,18 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
         *accounted = now;
     };
     'connection: loop {
-        let mut consumed = 0;
         loop {
-            match H::split(&buffer[consumed..], frame_bytes_max) {
+            match H::split(&buffer, frame_bytes_max) {
                 Ok(Some((body, used))) => {
                     if tls.is_none()
                         && let Some(shard) = handler.shard_to_move_to(body)
                     {
-                        moving = Some((shard, consumed));
+                        moving = Some(shard);
                         break 'connection;
                     }
-                    consumed += used;
+                    let body_start = body.as_ptr() as usize - buffer.as_ptr() as usize;
+                    let body_end = body_start + body.len();
+                    let body = buffer.split_to(used).freeze().slice(body_start..body_end);
                     // Frames already read wait too: the limits hold per request.
                     handler.in_flight().below(in_flight_max).await;
                     // Over the broker-wide budget a connection keeps at most
@@ -1008,7 +1015,7 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
                     {
                         compio::time::sleep(Duration::from_millis(BUDGET_RECHECK_MS)).await;
                     }
-                    if !handler.handle_frame(body).await {
+                    if !handler.handle_frame(&body).await {
                         break 'connection;
                     }
                 }
@@ -1019,7 +1026,6 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
                 }
             }
         }
-        buffer.drain(..consumed);
         handler.in_flight().below(in_flight_max).await;
         if shared.is_shutting_down() {
             ended = Ended::ShuttingDown;
@@ -1076,14 +1082,15 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
             Either::Right((Either::Right(_), _)) => break,
         }
         if buffer.capacity() > 4 * READ_BUFFER_BYTES && buffer.len() < READ_BUFFER_BYTES {
-            buffer.shrink_to(READ_BUFFER_BYTES);
+            let mut smaller = BytesMut::with_capacity(READ_BUFFER_BYTES);
+            smaller.extend_from_slice(&buffer);
+            buffer = smaller;
             account(&buffer, &mut accounted);
         }
     }
     budget.give_back(accounted);
-    if let Some((shard, consumed)) = moving {
+    if let Some(shard) = moving {
         // Everything from the frame that made it move on is served there.
-        buffer.drain(..consumed);
         move_connection(handler, reader, writer_task, writer_for_flush, buffer, shard).await;
         return;
     }
@@ -1105,7 +1112,7 @@ async fn move_connection<H: FrameHandler>(
     reader: TcpStream,
     writer_task: compio::runtime::JoinHandle<()>,
     writer_for_flush: Option<mpsc::UnboundedSender<Answer>>,
-    unread: Vec<u8>,
+    unread: BytesMut,
     shard: usize,
 ) {
     handler.in_flight().below(1).await;
@@ -1217,7 +1224,7 @@ impl FrameHandler for Connection {
         (placement.run >= MOVE_AFTER_PRODUCES && !settled).then_some(placement.run_shard)
     }
 
-    fn hand_over(mut self, stream: std::net::TcpStream, unread: Vec<u8>, shard: usize) {
+    fn hand_over(mut self, stream: std::net::TcpStream, unread: BytesMut, shard: usize) {
         tracing::debug!(peer = %self.peer, from = self.shard, to = shard, "connection moves to the shard it produces to");
         self.shared
             .metrics
@@ -1234,7 +1241,7 @@ impl FrameHandler for Connection {
     }
 
     /// Handles one frame. Returns `false` when the connection must close.
-    async fn handle_frame(&mut self, body: &[u8]) -> bool {
+    async fn handle_frame(&mut self, body: &Bytes) -> bool {
         let frame = match RequestFrame::decode(body) {
             Ok(frame) => frame,
             Err(error) => {
@@ -1289,6 +1296,7 @@ impl FrameHandler for Connection {
                 acks,
                 batch,
             } => {
+                let batch = body.slice_ref(batch);
                 let pending = self.dispatch_produce(topic, target, acks, batch).await;
                 let task = self.finish_produce(correlation_id, acks, pending, started);
                 crate::io::home::spawn(task).detach();
@@ -1384,7 +1392,7 @@ impl Connection {
         topic: &str,
         target: Target<'_>,
         acks: Acks,
-        batch: &[u8],
+        batch: Bytes,
     ) -> Result<PendingAppend, OpError> {
         let meta = match self.view.table.get(topic) {
             Some(meta) => meta.clone(),
@@ -1418,7 +1426,7 @@ impl Connection {
             owner,
             ShardOp::Produce {
                 key: (topic.to_string(), partition),
-                batch: bytes::Bytes::copy_from_slice(batch),
+                batch,
                 acks,
                 reply,
             },

@@ -98,7 +98,7 @@ pub enum Decoded {
 
 /// Decodes a request frame's body (the bytes after the size), checking the
 /// API and version against what is served before decoding anything else.
-pub fn decode_request_frame(body: &[u8]) -> Decoded {
+pub fn decode_request_frame(body: &Bytes) -> Decoded {
     let Some(peek) = peek(body) else {
         return Decoded::Refused(format!(
             "request of {} bytes is shorter than its header",
@@ -117,7 +117,15 @@ pub fn decode_request_frame(body: &[u8]) -> Decoded {
         }
         return Decoded::Refused(format!("{api_key:?} v{version} is not served"));
     }
-    let mut bytes = Bytes::copy_from_slice(body);
+    // A produce's records are decoded as slices of the frame, which shares
+    // the connection's read buffer: they go to their shard without a copy
+    // and are dropped once appended. Every other request is decoded from a
+    // copy, since what it decodes to (names, ids) may be kept for long.
+    let mut bytes = if api_key == ApiKey::Produce {
+        body.clone()
+    } else {
+        Bytes::copy_from_slice(body)
+    };
     let header = match decode_header(api_key, version, &mut bytes) {
         Ok(header) => header,
         Err(error) => return Decoded::Refused(format!("malformed request header: {error}")),
@@ -271,6 +279,10 @@ pub fn encode_response<R: Encodable + HeaderVersion>(
 mod tests {
     use super::*;
 
+    fn decode_request_frame_of(body: &[u8]) -> Decoded {
+        decode_request_frame(&Bytes::copy_from_slice(body))
+    }
+
     #[test]
     fn frames_split_on_their_size_and_bad_sizes_are_refused() {
         let mut frame = 5i32.to_be_bytes().to_vec();
@@ -304,7 +316,7 @@ mod tests {
         // Metadata v1 asking for all topics (null array).
         let body = request_body(3, 1, &(-1i32).to_be_bytes());
         assert!(matches!(
-            decode_request_frame(&body),
+            decode_request_frame_of(&body),
             Decoded::Request {
                 api_key: ApiKey::Metadata,
                 version: 1,
@@ -312,21 +324,21 @@ mod tests {
             }
         ));
         assert!(matches!(
-            decode_request_frame(&request_body(18, 127, &[])),
+            decode_request_frame_of(&request_body(18, 127, &[])),
             Decoded::ApiVersionsTooNew { correlation_id: 42 }
         ));
         assert!(matches!(
-            decode_request_frame(&request_body(999, 0, &[])),
+            decode_request_frame_of(&request_body(999, 0, &[])),
             Decoded::Refused(_)
         ));
         assert!(matches!(
-            decode_request_frame(&request_body(1, 99, &[])),
+            decode_request_frame_of(&request_body(1, 99, &[])),
             Decoded::Refused(_)
         ));
-        assert!(matches!(decode_request_frame(&[0, 3]), Decoded::Refused(_)));
+        assert!(matches!(decode_request_frame_of(&[0, 3]), Decoded::Refused(_)));
         // Transactions are not served: EndTxn is refused, not decoded.
         assert!(matches!(
-            decode_request_frame(&request_body(26, 0, &[])),
+            decode_request_frame_of(&request_body(26, 0, &[])),
             Decoded::Refused(_)
         ));
     }
@@ -336,13 +348,13 @@ mod tests {
         // Metadata v1 claiming i32::MAX topics in a few bytes: the patched
         // codec refuses it instead of reserving ~100 GB and aborting.
         let body = request_body(3, 1, &i32::MAX.to_be_bytes());
-        assert!(matches!(decode_request_frame(&body), Decoded::Refused(_)));
+        assert!(matches!(decode_request_frame_of(&body), Decoded::Refused(_)));
         // The same through a compact (flexible-version) array: Metadata v9.
         let mut flexible = request_body(3, 9, &[]);
         flexible.push(0); // header tagged fields
         flexible.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]); // varint 2^32 - 1
         assert!(matches!(
-            decode_request_frame(&flexible),
+            decode_request_frame_of(&flexible),
             Decoded::Refused(_)
         ));
     }

@@ -226,7 +226,7 @@ impl FrameHandler for KafkaConnection {
         self.close_after("unreadable frame", error);
     }
 
-    async fn handle_frame(&mut self, body: &[u8]) -> bool {
+    async fn handle_frame(&mut self, body: &bytes::Bytes) -> bool {
         let (api_key, version, header, request) = match codec::decode_request_frame(body) {
             codec::Decoded::Request {
                 api_key,

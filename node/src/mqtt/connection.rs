@@ -308,7 +308,7 @@ impl FrameHandler for MqttConnection {
         Some(self.close_signal.clone())
     }
 
-    async fn handle_frame(&mut self, body: &[u8]) -> bool {
+    async fn handle_frame(&mut self, body: &bytes::Bytes) -> bool {
         if self.client.is_closed() {
             return false;
         }
