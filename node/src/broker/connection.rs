@@ -46,6 +46,12 @@ const SHUTDOWN_GRACE_MS: u64 = 10_000;
 const BUDGET_RECHECK_MS: u64 = 5;
 /// Bytes a connection's read buffer starts with.
 const READ_BUFFER_BYTES: usize = 256 * 1024;
+/// A produce's batch at least this large goes to its shard as a slice of the
+/// read buffer; a smaller one is copied. A slice keeps its whole buffer
+/// allocated until the batch is appended, so small batches arriving one per
+/// read (a slow trickle of small produces) would each keep a read buffer
+/// alive; from this size on a batch holds at most 8 times its own size.
+pub(crate) const SHARED_BATCH_BYTES_MIN: usize = READ_BUFFER_BYTES / 8;
 
 /// The listening sockets every shard accepts from.
 pub struct Listeners {
@@ -1296,7 +1302,11 @@ impl FrameHandler for Connection {
                 acks,
                 batch,
             } => {
-                let batch = body.slice_ref(batch);
+                let batch = if batch.len() >= SHARED_BATCH_BYTES_MIN {
+                    body.slice_ref(batch)
+                } else {
+                    Bytes::copy_from_slice(batch)
+                };
                 let pending = self.dispatch_produce(topic, target, acks, batch).await;
                 let task = self.finish_produce(correlation_id, acks, pending, started);
                 crate::io::home::spawn(task).detach();

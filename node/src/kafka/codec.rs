@@ -117,11 +117,14 @@ pub fn decode_request_frame(body: &Bytes) -> Decoded {
         }
         return Decoded::Refused(format!("{api_key:?} v{version} is not served"));
     }
-    // A produce's records are decoded as slices of the frame, which shares
-    // the connection's read buffer: they go to their shard without a copy
-    // and are dropped once appended. Every other request is decoded from a
-    // copy, since what it decodes to (names, ids) may be kept for long.
-    let mut bytes = if api_key == ApiKey::Produce {
+    // A large produce's records are decoded as slices of the frame, which
+    // shares the connection's read buffer: they go to their shard without a
+    // copy and are dropped once appended. Every other request is decoded
+    // from a copy, since what it decodes to (names, ids) may be kept for
+    // long, and a small one because a slice keeps its whole read buffer.
+    let shared = api_key == ApiKey::Produce
+        && body.len() >= crate::broker::connection::SHARED_BATCH_BYTES_MIN;
+    let mut bytes = if shared {
         body.clone()
     } else {
         Bytes::copy_from_slice(body)
