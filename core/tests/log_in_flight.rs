@@ -77,7 +77,9 @@ fn bytes_in_flight_are_served_and_a_failed_write_is_written_again() {
 
         for _ in 0..12 {
             let batch = next_batch();
-            log.append(&batch, 0).await.expect("append after the failure");
+            log.append(&batch, 0)
+                .await
+                .expect("append after the failure");
             appended.push(batch);
         }
         check_holds(&log, &appended).await;

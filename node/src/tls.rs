@@ -198,4 +198,3 @@ pub async fn read_plaintext<B: compio::buf::IoBufMut>(
         }
     }
 }
-

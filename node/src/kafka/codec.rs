@@ -338,7 +338,10 @@ mod tests {
             decode_request_frame_of(&request_body(1, 99, &[])),
             Decoded::Refused(_)
         ));
-        assert!(matches!(decode_request_frame_of(&[0, 3]), Decoded::Refused(_)));
+        assert!(matches!(
+            decode_request_frame_of(&[0, 3]),
+            Decoded::Refused(_)
+        ));
         // Transactions are not served: EndTxn is refused, not decoded.
         assert!(matches!(
             decode_request_frame_of(&request_body(26, 0, &[])),
@@ -351,7 +354,10 @@ mod tests {
         // Metadata v1 claiming i32::MAX topics in a few bytes: the patched
         // codec refuses it instead of reserving ~100 GB and aborting.
         let body = request_body(3, 1, &i32::MAX.to_be_bytes());
-        assert!(matches!(decode_request_frame_of(&body), Decoded::Refused(_)));
+        assert!(matches!(
+            decode_request_frame_of(&body),
+            Decoded::Refused(_)
+        ));
         // The same through a compact (flexible-version) array: Metadata v9.
         let mut flexible = request_body(3, 9, &[]);
         flexible.push(0); // header tagged fields
