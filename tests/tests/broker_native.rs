@@ -325,6 +325,8 @@ fn hundreds_of_connections_crossing_shards_never_stall() {
         }
         assert_eq!(total, expected, "every acknowledged record is in the log");
     });
+    // Producers that alternate between the shards' partitions stay put.
+    assert_eq!(metric(&broker, "rill_connections_moved_total"), Some(0.0));
 }
 
 /// A topic of two partitions whose partitions are on different shards of two.

@@ -1,6 +1,7 @@
 //! TLS (rustls) on the broker's listeners: clients that trust the CA produce
 //! and consume, plain clients are refused, and with a client CA configured a
-//! client must present a certificate. The admin listener speaks TLS too.
+//! client must present a certificate. The admin listener speaks TLS too. A
+//! TLS connection never moves to another shard.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -131,6 +132,79 @@ fn tls_listeners_serve_trusted_clients_and_refuse_plain_ones() {
         [0x20, 2, 0, 0],
         "CONNACK, session not present, accepted"
     );
+}
+
+/// A TLS connection's session lives on its shard, so it never moves, even
+/// when all it produces goes to the other shard's partition.
+#[test]
+fn tls_connections_stay_on_their_shard() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let pki = pki();
+    let ca = write(directory.path(), "ca.pem", &pki.ca);
+    let cert = write(directory.path(), "server.pem", &pki.server.0);
+    let key = write(directory.path(), "server.key", &pki.server.1);
+    let broker = Broker::start(&[
+        "node.shards=2",
+        &format!("tls.cert_file={cert}"),
+        &format!("tls.key_file={key}"),
+    ]);
+    let topic = (0..)
+        .map(|index| format!("split-{index}"))
+        .find(|topic| {
+            use rill_node::broker::topics::shard_of;
+            shard_of(topic, 0, 2) != shard_of(topic, 1, 2)
+        })
+        .expect("a topic split across shards");
+    let runtime = compio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let config = ClientConfig {
+            tls: Some(client_tls(Path::new(&ca), None)),
+            ..ClientConfig::default()
+        };
+        let client = Client::connect(&broker.address(), config)
+            .await
+            .expect("connect over TLS");
+        client.create_topic(&topic, 2, &[]).await.expect("create");
+        // A run of produces to each partition: one of them is on the other
+        // shard, which would move a plaintext connection.
+        for partition in 0..2u32 {
+            for batch in 0..12u32 {
+                let mut builder = RecordBuilder::new();
+                builder.push(
+                    0,
+                    None,
+                    Some(format!("{partition}-{batch}").as_bytes()),
+                    &[],
+                );
+                let produced = client
+                    .produce(
+                        &topic,
+                        Target::Partition(partition),
+                        Acks::Written,
+                        &builder.finish(),
+                    )
+                    .await
+                    .expect("produce over TLS")
+                    .expect("acknowledged");
+                assert_eq!(produced.base_offset, i64::from(batch));
+            }
+        }
+        for partition in 0..2u32 {
+            let fetched = client
+                .fetch(&topic, partition, 0, 1024 * 1024, 1, 0)
+                .await
+                .expect("fetch over TLS");
+            let values: Vec<Vec<u8>> = records_of(&fetched.batches)
+                .expect("records")
+                .into_iter()
+                .map(|record| record.value.unwrap_or_default())
+                .collect();
+            let expected: Vec<Vec<u8>> = (0..12u32)
+                .map(|batch| format!("{partition}-{batch}").into_bytes())
+                .collect();
+            assert_eq!(values, expected, "partition {partition} in order");
+        }
+    });
 }
 
 #[test]

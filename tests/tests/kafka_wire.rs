@@ -47,6 +47,12 @@ impl Kafka {
     where
         R::Response: Decodable + HeaderVersion,
     {
+        let correlation_id = self.send(version, request);
+        self.receive::<R>(version, correlation_id)
+    }
+
+    /// Sends a request without waiting for its answer; returns its correlation id.
+    fn send<R: Request>(&mut self, version: i16, request: &R) -> i32 {
         self.correlation_id += 1;
         let header = RequestHeader::default()
             .with_request_api_key(R::KEY)
@@ -61,10 +67,18 @@ impl Kafka {
         let mut frame = (body.len() as i32).to_be_bytes().to_vec();
         frame.extend_from_slice(&body);
         self.send_raw(&frame);
+        self.correlation_id
+    }
+
+    /// Reads the next answer, which must be the one to `correlation_id`.
+    fn receive<R: Request>(&mut self, version: i16, correlation_id: i32) -> R::Response
+    where
+        R::Response: Decodable + HeaderVersion,
+    {
         let mut body = self.read_frame().expect("a response");
         let header = ResponseHeader::decode(&mut body, R::Response::header_version(version))
             .expect("response header");
-        assert_eq!(header.correlation_id, self.correlation_id);
+        assert_eq!(header.correlation_id, correlation_id);
         let response = R::Response::decode(&mut body, version).expect("response body");
         assert_eq!(body.remaining(), 0, "bytes left after the response");
         response
@@ -100,7 +114,14 @@ fn idempotent_batch(producer_id: i64, epoch: i16, first_sequence: i32, count: i3
 }
 
 fn produce(kafka: &mut Kafka, topic: &str, batch: Vec<u8>) -> (i16, i64) {
-    let request = ProduceRequest::default()
+    let response: ProduceResponse = kafka.request(9, &produce_request(topic, batch));
+    let partition = &response.responses[0].partition_responses[0];
+    (partition.error_code, partition.base_offset)
+}
+
+/// A produce of one batch to partition 0 of `topic`, acks=all.
+fn produce_request(topic: &str, batch: Vec<u8>) -> ProduceRequest {
+    ProduceRequest::default()
         .with_acks(-1)
         .with_timeout_ms(30_000)
         .with_topic_data(vec![
@@ -111,10 +132,7 @@ fn produce(kafka: &mut Kafka, topic: &str, batch: Vec<u8>) -> (i16, i64) {
                         .with_index(0)
                         .with_records(Some(batch.into())),
                 ]),
-        ]);
-    let response: ProduceResponse = kafka.request(9, &request);
-    let partition = &response.responses[0].partition_responses[0];
-    (partition.error_code, partition.base_offset)
+        ])
 }
 
 fn latest_offset(kafka: &mut Kafka, topic: &str) -> i64 {
@@ -129,6 +147,50 @@ fn latest_offset(kafka: &mut Kafka, topic: &str) -> i64 {
     let partition = &response.topics[0].partitions[0];
     assert_eq!(partition.error_code, 0);
     partition.offset
+}
+
+#[test]
+fn a_kafka_producer_moves_to_the_shard_of_its_partition_and_loses_nothing() {
+    use rill_node::broker::topics::shard_of;
+    let (broker, address) = start_broker(&["node.shards=2"]);
+    // One single-partition topic on each shard: wherever the connection
+    // landed, the run of produces to one of them goes to the other shard.
+    let name_on = |shard: usize| {
+        (0..)
+            .map(|index| format!("kafka-moving-{index}"))
+            .find(|topic| shard_of(topic, 0, 2) == shard)
+            .expect("a topic on each shard")
+    };
+    let topics = [name_on(0), name_on(1)];
+    let mut kafka = Kafka::connect(address);
+    for topic in &topics {
+        // Sixteen produces in flight at once, so the connection moves with
+        // requests read but not yet handled.
+        let sent: Vec<i32> = (0..16)
+            .map(|_| kafka.send(9, &produce_request(topic, idempotent_batch(-1, -1, -1, 10))))
+            .collect();
+        for (index, correlation_id) in sent.into_iter().enumerate() {
+            let response: ProduceResponse = kafka.receive::<ProduceRequest>(9, correlation_id);
+            let partition = &response.responses[0].partition_responses[0];
+            assert_eq!(partition.error_code, 0, "{topic}: produce {index}");
+            assert_eq!(
+                partition.base_offset,
+                index as i64 * 10,
+                "{topic}: in order"
+            );
+        }
+        assert_eq!(latest_offset(&mut kafka, topic), 160);
+    }
+    let (_, body) = rill_tests::http_get(broker.admin, "/metrics").expect("metrics");
+    let moved: f64 = body
+        .lines()
+        .find_map(|line| line.strip_prefix("rill_connections_moved_total "))
+        .and_then(|value| value.parse().ok())
+        .expect("the moves metric");
+    assert!(
+        moved >= 1.0,
+        "a Kafka producer to the other shard moves there"
+    );
 }
 
 fn start_broker(settings: &[&str]) -> (Broker, SocketAddr) {

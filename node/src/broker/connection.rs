@@ -139,7 +139,9 @@ async fn serve_shard(
             kafka,
             shared.clone(),
             stopped.clone(),
-            crate::kafka::connection::KafkaConnection::new,
+            move |shared, stream, peer| {
+                crate::kafka::connection::KafkaConnection::new(shared, stream, peer, index)
+            },
             None,
         ))
         .detach();
@@ -269,7 +271,7 @@ async fn arrival_loop(
             stream,
             unread,
             peer,
-            next_partition,
+            protocol,
             slot,
         } = moved;
         let stream = match TcpStream::from_std(stream) {
@@ -279,12 +281,27 @@ async fn arrival_loop(
                 continue;
             }
         };
-        let mut handler = Connection::with_slot(shared.clone(), peer, shard, slot);
-        handler.handshaken = true;
-        handler.next_partition.set(next_partition);
-        handler.placement.moved_at = Some(Instant::now());
-        let serve = serve_connection(handler, stream, stopped.clone(), unread);
-        crate::io::home::spawn(serve).detach();
+        match protocol {
+            MovedProtocol::Native { next_partition } => {
+                let mut handler = Connection::with_slot(shared.clone(), peer, shard, slot);
+                handler.handshaken = true;
+                handler.next_partition.set(next_partition);
+                handler.placement = Placement::arrived();
+                let serve = serve_connection(handler, stream, stopped.clone(), unread);
+                crate::io::home::spawn(serve).detach();
+            }
+            MovedProtocol::Kafka(moved) => {
+                let handler = crate::kafka::connection::KafkaConnection::arrived(
+                    shared.clone(),
+                    peer,
+                    shard,
+                    slot,
+                    moved,
+                );
+                let serve = serve_connection(handler, stream, stopped.clone(), unread);
+                crate::io::home::spawn(serve).detach();
+            }
+        }
     }
 }
 
@@ -380,7 +397,7 @@ struct Connection {
 
 /// One counted connection: frees its place under `connections_max` when
 /// dropped, on whichever shard the connection ended.
-pub(crate) struct ConnectionSlot(Arc<Shared>);
+pub(crate) struct ConnectionSlot(pub(crate) Arc<Shared>);
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
@@ -398,21 +415,73 @@ const MOVE_INTERVAL: Duration = Duration::from_secs(2);
 /// What decides whether a connection moves: its run of produces to
 /// partitions owned by one other shard.
 #[derive(Default)]
-struct Placement {
+pub(crate) struct Placement {
     run_shard: usize,
     run: u32,
     moved_at: Option<Instant>,
+}
+
+impl Placement {
+    /// For a connection that has just arrived: it stays put for a while.
+    pub(crate) fn arrived() -> Self {
+        Self {
+            moved_at: Some(Instant::now()),
+            ..Self::default()
+        }
+    }
+
+    /// Notes a produce to partitions all owned by `owner` (`None`: owned by
+    /// several shards, or unknown), on a connection served by `here`.
+    /// Returns the shard the connection should move to, if it should.
+    pub(crate) fn note_produce(&mut self, owner: Option<usize>, here: usize) -> Option<usize> {
+        match owner {
+            Some(owner) if owner != here => {
+                if owner != self.run_shard {
+                    self.run_shard = owner;
+                    self.run = 0;
+                }
+                self.run = self.run.saturating_add(1);
+            }
+            _ => self.run = 0,
+        }
+        let settled = self
+            .moved_at
+            .is_some_and(|moved| moved.elapsed() < MOVE_INTERVAL);
+        (self.run >= MOVE_AFTER_PRODUCES && !settled).then_some(self.run_shard)
+    }
+}
+
+/// Counts a move and hands the connection to `to`'s acceptor.
+pub(crate) fn send_moved(shared: &Shared, from: usize, to: usize, moved: MovedConnection) {
+    tracing::debug!(peer = %moved.peer, from, to, "connection moves to the shard it produces to");
+    shared
+        .metrics
+        .connections_moved
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared.move_connection(to, moved);
+}
+
+/// Whether connections may move on this broker: plaintext, more than one
+/// shard, and `node.move_connections` on.
+pub(crate) fn moves_allowed(shared: &Shared) -> bool {
+    shared.tls.is_none() && shared.config.node.move_connections && shared.shards() > 1
+}
+
+/// What a moved connection's protocol carries over.
+pub(crate) enum MovedProtocol {
+    Native { next_partition: u32 },
+    Kafka(crate::kafka::connection::MovedKafka),
 }
 
 /// A plaintext native connection on its way to the shard that owns what it
 /// produces to: the socket, the bytes read but not yet handled (starting
 /// with the frame that made it move), and its place under `connections_max`.
 pub struct MovedConnection {
-    stream: std::net::TcpStream,
-    unread: BytesMut,
-    peer: SocketAddr,
-    next_partition: u32,
-    slot: Option<ConnectionSlot>,
+    pub(crate) stream: std::net::TcpStream,
+    pub(crate) unread: BytesMut,
+    pub(crate) peer: SocketAddr,
+    pub(crate) protocol: MovedProtocol,
+    pub(crate) slot: Option<ConnectionSlot>,
 }
 
 /// What the writer task sends: a whole frame, or a frame header followed by
@@ -1097,7 +1166,15 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
     budget.give_back(accounted);
     if let Some(shard) = moving {
         // Everything from the frame that made it move on is served there.
-        move_connection(handler, reader, writer_task, writer_for_flush, buffer, shard).await;
+        move_connection(
+            handler,
+            reader,
+            writer_task,
+            writer_for_flush,
+            buffer,
+            shard,
+        )
+        .await;
         return;
     }
     drop(buffer);
@@ -1190,11 +1267,7 @@ impl FrameHandler for Connection {
     /// than writing the batch. Unknown topics, round-robin produces and
     /// every other request leave the connection where it is.
     fn shard_to_move_to(&mut self, body: &[u8]) -> Option<usize> {
-        if !self.handshaken
-            || self.shared.tls.is_some()
-            || !self.shared.config.node.move_connections
-            || self.shared.shards() < 2
-        {
+        if !self.handshaken || !moves_allowed(&self.shared) {
             return None;
         }
         let Ok(RequestFrame {
@@ -1213,37 +1286,20 @@ impl FrameHandler for Connection {
             _ => None,
         };
         let owner = partition.map(|partition| shard_of(topic, partition, self.shared.shards()));
-        let placement = &mut self.placement;
-        match owner {
-            Some(owner) if owner != self.shard => {
-                if owner != placement.run_shard {
-                    placement.run_shard = owner;
-                    placement.run = 0;
-                }
-                placement.run = placement.run.saturating_add(1);
-            }
-            _ => placement.run = 0,
-        }
-        let settled = placement
-            .moved_at
-            .is_some_and(|moved| moved.elapsed() < MOVE_INTERVAL);
-        (placement.run >= MOVE_AFTER_PRODUCES && !settled).then_some(placement.run_shard)
+        self.placement.note_produce(owner, self.shard)
     }
 
     fn hand_over(mut self, stream: std::net::TcpStream, unread: BytesMut, shard: usize) {
-        tracing::debug!(peer = %self.peer, from = self.shard, to = shard, "connection moves to the shard it produces to");
-        self.shared
-            .metrics
-            .connections_moved
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let moved = MovedConnection {
             stream,
             unread,
             peer: self.peer,
-            next_partition: self.next_partition.get(),
+            protocol: MovedProtocol::Native {
+                next_partition: self.next_partition.get(),
+            },
             slot: self.slot.take(),
         };
-        self.shared.move_connection(shard, moved);
+        send_moved(&self.shared, self.shard, shard, moved);
     }
 
     /// Handles one frame. Returns `false` when the connection must close.

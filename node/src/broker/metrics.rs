@@ -94,7 +94,7 @@ pub struct Metrics {
     pub produce_latency: Histogram,
     pub fetch_latency: Histogram,
     pub connections_rejected: AtomicU64,
-    /// Native connections moved to the shard owning what they produce to.
+    /// Native and Kafka connections moved to the shard owning what they produce to.
     pub connections_moved: AtomicU64,
     pub frames_rejected: AtomicU64,
     /// Segment bytes sent to fetchers, by [`FetchPath`].
@@ -233,7 +233,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP rill_connections_moved_total Native connections moved to the shard that owns the partition they produce to.\n# TYPE rill_connections_moved_total counter"
+            "# HELP rill_connections_moved_total Native and Kafka connections moved to the shard that owns the partition they produce to.\n# TYPE rill_connections_moved_total counter"
         );
         let _ = writeln!(
             out,

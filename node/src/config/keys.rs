@@ -173,7 +173,7 @@ pub(crate) const KEYS: &[KeyInfo] = &[
         "node.move_connections",
         Kind::Switch,
         "true/false",
-        "Move a plaintext native-protocol connection to the shard that owns the partition it keeps producing to.",
+        "Move a plaintext native or Kafka connection to the shard that owns the partition it keeps producing to.",
     ),
     key(
         "listeners.native",

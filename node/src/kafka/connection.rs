@@ -19,8 +19,11 @@ use rill_protocol::FrameError;
 
 use super::{api, codec, errors};
 use crate::broker::Shared;
-use crate::broker::connection::{Answer, FrameHandler, InFlight, Outgoing, queue_answer};
-use crate::broker::topics::TopicView;
+use crate::broker::connection::{
+    Answer, ConnectionSlot, FrameHandler, InFlight, MovedConnection, MovedProtocol, Outgoing,
+    Placement, moves_allowed, queue_answer,
+};
+use crate::broker::topics::{TopicView, shard_of};
 
 /// What a request's handler needs to know about the connection and broker.
 #[derive(Clone)]
@@ -118,16 +121,25 @@ pub struct KafkaConnection {
     pub next_partition: Cell<u32>,
     /// SASL: whether this connection still has to authenticate.
     auth: super::sasl::Auth,
+    /// The shard serving this connection.
+    shard: usize,
+    placement: Placement,
+    /// The shard to move to before the next frame, once a run of produces
+    /// to another shard's partitions asked for it.
+    pending_move: Option<usize>,
+    /// The connection's place under `connections_max`, handed on when it moves.
+    slot: Option<ConnectionSlot>,
 }
 
-impl Drop for KafkaConnection {
-    fn drop(&mut self) {
-        self.shared.remove_connection();
-    }
+/// What a Kafka connection takes along when it moves to another shard. It
+/// moves only once it may produce, so it arrives authenticated.
+pub(crate) struct MovedKafka {
+    advertised: (String, i32),
+    client_id: String,
 }
 
 impl KafkaConnection {
-    pub fn new(shared: Arc<Shared>, stream: &TcpStream, peer: SocketAddr) -> Self {
+    pub fn new(shared: Arc<Shared>, stream: &TcpStream, peer: SocketAddr, shard: usize) -> Self {
         let view = shared.topics.snapshot();
         // Unless configured, clients are sent back to the address they used.
         let local = stream.local_addr().unwrap_or(shared.config.listeners.kafka);
@@ -143,6 +155,7 @@ impl KafkaConnection {
         };
         Self {
             auth: super::sasl::Auth::for_broker(&shared),
+            slot: Some(ConnectionSlot(shared.clone())),
             shared,
             peer,
             advertised: (host, i32::from(port)),
@@ -153,7 +166,65 @@ impl KafkaConnection {
             view,
             client_id: Rc::from(""),
             next_partition: Cell::new(0),
+            shard,
+            placement: Placement::default(),
+            pending_move: None,
         }
+    }
+
+    /// A connection another shard moved to `shard`, with nothing in flight.
+    pub(crate) fn arrived(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        shard: usize,
+        slot: Option<ConnectionSlot>,
+        moved: MovedKafka,
+    ) -> Self {
+        let auth = match super::sasl::Auth::for_broker(&shared) {
+            super::sasl::Auth::Open => super::sasl::Auth::Open,
+            _ => super::sasl::Auth::Authenticated,
+        };
+        Self {
+            auth,
+            slot,
+            view: shared.topics.snapshot(),
+            shared,
+            peer,
+            advertised: moved.advertised,
+            writer: None,
+            in_flight: Rc::new(InFlight::default()),
+            ordered: Rc::new(Ordered::default()),
+            next_sequence: 0,
+            client_id: Rc::from(moved.client_id.as_str()),
+            next_partition: Cell::new(0),
+            shard,
+            placement: Placement::arrived(),
+            pending_move: None,
+        }
+    }
+
+    /// Notes which shards own the partitions a produce writes to, and asks
+    /// for a move before the next frame once they keep being one other
+    /// shard's (see [`Placement`]).
+    fn note_produce(&mut self, request: &kafka_protocol::messages::ProduceRequest) {
+        if !moves_allowed(&self.shared) {
+            return;
+        }
+        let shards = self.shared.shards();
+        let mut owners = request.topic_data.iter().flat_map(|topic| {
+            topic.partition_data.iter().map(move |data| {
+                u32::try_from(data.index)
+                    .ok()
+                    .map(|partition| shard_of(topic.name.0.as_str(), partition, shards))
+            })
+        });
+        let first = owners.next().flatten();
+        let owner = if owners.all(|owner| owner == first) {
+            first
+        } else {
+            None
+        };
+        self.pending_move = self.placement.note_produce(owner, self.shard);
     }
 
     /// Counts a new request in flight and reserves its place in the answer order.
@@ -226,6 +297,27 @@ impl FrameHandler for KafkaConnection {
         self.close_after("unreadable frame", error);
     }
 
+    /// A producer whose produces keep going to one other shard's
+    /// partitions moves there before its next request, as a native one
+    /// does; the decision is made when a produce is handled.
+    fn shard_to_move_to(&mut self, _body: &[u8]) -> Option<usize> {
+        self.pending_move.take()
+    }
+
+    fn hand_over(mut self, stream: std::net::TcpStream, unread: bytes::BytesMut, shard: usize) {
+        let moved = MovedConnection {
+            stream,
+            unread,
+            peer: self.peer,
+            protocol: MovedProtocol::Kafka(MovedKafka {
+                advertised: self.advertised.clone(),
+                client_id: self.client_id.to_string(),
+            }),
+            slot: self.slot.take(),
+        };
+        crate::broker::connection::send_moved(&self.shared, self.shard, shard, moved);
+    }
+
     async fn handle_frame(&mut self, body: &bytes::Bytes) -> bool {
         let (api_key, version, header, request) = match codec::decode_request_frame(body) {
             codec::Decoded::Request {
@@ -276,6 +368,7 @@ impl FrameHandler for KafkaConnection {
                 }
             }
             RequestKind::Produce(request) => {
+                self.note_produce(&request);
                 let pending =
                     super::produce::dispatch(&context, request, &self.next_partition).await;
                 crate::io::home::spawn(super::produce::finish(
