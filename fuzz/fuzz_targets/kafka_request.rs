@@ -9,7 +9,7 @@ use rill_node::kafka::codec::{Decoded, decode_request_frame};
 fuzz_target!(|bytes: &[u8]| {
     if let Decoded::Request {
         version, request, ..
-    } = decode_request_frame(bytes)
+    } = decode_request_frame(&bytes::Bytes::copy_from_slice(bytes))
     {
         let mut out = bytes::BytesMut::new();
         // Whatever decoded must encode again at the same version.
