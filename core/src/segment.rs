@@ -284,6 +284,12 @@ impl<F: StorageFile> SegmentWriter<F> {
         Ok(())
     }
 
+    /// Bytes of the buffer in whole blocks: what a write can leave behind.
+    fn whole_blocks(&self) -> usize {
+        let length = self.buffer.len();
+        length - length % self.block_bytes as usize
+    }
+
     /// Waits for the write in flight, if there is one.
     async fn land(&mut self) -> io::Result<()> {
         let Some(flight) = self.flight.as_mut() else {
@@ -322,8 +328,7 @@ impl<F: StorageFile> SegmentWriter<F> {
     /// landed, and goes on with the partial last block in a fresh buffer.
     async fn start_write(&mut self) -> io::Result<()> {
         self.land().await?;
-        let length = self.buffer.len();
-        let whole = length - length % self.block_bytes as usize;
+        let whole = self.whole_blocks();
         if whole == 0 {
             return Ok(());
         }
@@ -367,7 +372,7 @@ impl<F: StorageFile> SegmentWriter<F> {
         if logical == 0 {
             return Ok(());
         }
-        let whole = logical - logical % self.block_bytes as usize;
+        let whole = self.whole_blocks();
         let placeholder = self
             .spare
             .take()

@@ -81,6 +81,26 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The first topic name `prefix-N` that `placed` accepts, given the shard
+/// (of two) each partition lands on.
+fn first_topic(prefix: &str, placed: impl Fn(&dyn Fn(u32) -> usize) -> bool) -> String {
+    use rill_node::broker::topics::shard_of;
+    (0..)
+        .map(|index| format!("{prefix}-{index}"))
+        .find(|topic| placed(&|partition| shard_of(topic, partition, 2)))
+        .expect("some name lands where asked")
+}
+
+/// A topic name whose partitions 0 and 1 are on different shards of two.
+pub fn topic_across_two_shards(prefix: &str) -> String {
+    first_topic(prefix, |shard_of| shard_of(0) != shard_of(1))
+}
+
+/// A topic name whose partition 0 is on `shard` of two.
+pub fn topic_on_shard(prefix: &str, shard: usize) -> String {
+    first_topic(prefix, |shard_of| shard_of(0) == shard)
+}
+
 /// Polls `condition` until it holds or `deadline` passes.
 pub fn wait_until(what: &str, deadline: Duration, mut condition: impl FnMut() -> bool) {
     let started = Instant::now();

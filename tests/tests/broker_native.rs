@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rill_core::batch::RecordBuilder;
 use rill_node::client::{Client, ClientConfig, ClientError, records_of};
 use rill_protocol::{Acks, ErrorCode, OffsetSpec, Target};
-use rill_tests::Broker;
+use rill_tests::{Broker, topic_across_two_shards};
 
 fn runtime() -> compio::runtime::Runtime {
     compio::runtime::Runtime::new().expect("client runtime")
@@ -327,15 +327,6 @@ fn hundreds_of_connections_crossing_shards_never_stall() {
     });
     // Producers that alternate between the shards' partitions stay put.
     assert_eq!(metric(&broker, "rill_connections_moved_total"), Some(0.0));
-}
-
-/// A topic of two partitions whose partitions are on different shards of two.
-fn topic_across_two_shards(prefix: &str) -> String {
-    use rill_node::broker::topics::shard_of;
-    (0..)
-        .map(|index| format!("{prefix}-{index}"))
-        .find(|topic| shard_of(topic, 0, 2) != shard_of(topic, 1, 2))
-        .expect("some name splits across shards")
 }
 
 #[test]

@@ -23,6 +23,24 @@ fn write(directory: &Path, name: &str, contents: &str) -> String {
     path.display().to_string()
 }
 
+/// A fresh PKI's files in `directory`: the CA's path, and the settings that
+/// turn TLS on with the server's certificate and key.
+fn server_tls(directory: &Path, pki: &Pki) -> (String, Vec<String>) {
+    let ca = write(directory, "ca.pem", &pki.ca);
+    let cert = write(directory, "server.pem", &pki.server.0);
+    let key = write(directory, "server.key", &pki.server.1);
+    let settings = vec![
+        format!("tls.cert_file={cert}"),
+        format!("tls.key_file={key}"),
+    ];
+    (ca, settings)
+}
+
+/// A broker started with `settings` as `--set` values.
+fn start_with(settings: &[String]) -> Broker {
+    Broker::start(&settings.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 fn client_tls(ca: &Path, identity: Option<(&Path, &Path)>) -> ClientTls {
     ClientTls {
         config: rill_node::tls::client_config(ca, identity).expect("client tls config"),
@@ -63,14 +81,8 @@ async fn round_trip(broker: &Broker, tls: Option<ClientTls>) -> Result<usize, St
 #[test]
 fn tls_listeners_serve_trusted_clients_and_refuse_plain_ones() {
     let directory = tempfile::tempdir().expect("tempdir");
-    let pki = pki();
-    let ca = write(directory.path(), "ca.pem", &pki.ca);
-    let cert = write(directory.path(), "server.pem", &pki.server.0);
-    let key = write(directory.path(), "server.key", &pki.server.1);
-    let broker = Broker::start(&[
-        &format!("tls.cert_file={cert}"),
-        &format!("tls.key_file={key}"),
-    ]);
+    let (ca, settings) = server_tls(directory.path(), &pki());
+    let broker = start_with(&settings);
     let runtime = compio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let records = round_trip(&broker, Some(client_tls(Path::new(&ca), None)))
@@ -139,22 +151,10 @@ fn tls_listeners_serve_trusted_clients_and_refuse_plain_ones() {
 #[test]
 fn tls_connections_stay_on_their_shard() {
     let directory = tempfile::tempdir().expect("tempdir");
-    let pki = pki();
-    let ca = write(directory.path(), "ca.pem", &pki.ca);
-    let cert = write(directory.path(), "server.pem", &pki.server.0);
-    let key = write(directory.path(), "server.key", &pki.server.1);
-    let broker = Broker::start(&[
-        "node.shards=2",
-        &format!("tls.cert_file={cert}"),
-        &format!("tls.key_file={key}"),
-    ]);
-    let topic = (0..)
-        .map(|index| format!("split-{index}"))
-        .find(|topic| {
-            use rill_node::broker::topics::shard_of;
-            shard_of(topic, 0, 2) != shard_of(topic, 1, 2)
-        })
-        .expect("a topic split across shards");
+    let (ca, mut settings) = server_tls(directory.path(), &pki());
+    settings.push("node.shards=2".into());
+    let broker = start_with(&settings);
+    let topic = rill_tests::topic_across_two_shards("split");
     let runtime = compio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let config = ClientConfig {
@@ -211,16 +211,11 @@ fn tls_connections_stay_on_their_shard() {
 fn a_client_ca_makes_client_certificates_mandatory() {
     let directory = tempfile::tempdir().expect("tempdir");
     let pki = pki();
-    let ca = write(directory.path(), "ca.pem", &pki.ca);
-    let cert = write(directory.path(), "server.pem", &pki.server.0);
-    let key = write(directory.path(), "server.key", &pki.server.1);
+    let (ca, mut settings) = server_tls(directory.path(), &pki);
     let client_cert = write(directory.path(), "client.pem", &pki.client.0);
     let client_key = write(directory.path(), "client.key", &pki.client.1);
-    let broker = Broker::start(&[
-        &format!("tls.cert_file={cert}"),
-        &format!("tls.key_file={key}"),
-        &format!("tls.client_ca_file={ca}"),
-    ]);
+    settings.push(format!("tls.client_ca_file={ca}"));
+    let broker = start_with(&settings);
     let runtime = compio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let identity = (Path::new(&client_cert), Path::new(&client_key));

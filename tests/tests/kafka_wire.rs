@@ -151,17 +151,10 @@ fn latest_offset(kafka: &mut Kafka, topic: &str) -> i64 {
 
 #[test]
 fn a_kafka_producer_moves_to_the_shard_of_its_partition_and_loses_nothing() {
-    use rill_node::broker::topics::shard_of;
     let (broker, address) = start_broker(&["node.shards=2"]);
     // One single-partition topic on each shard: wherever the connection
     // landed, the run of produces to one of them goes to the other shard.
-    let name_on = |shard: usize| {
-        (0..)
-            .map(|index| format!("kafka-moving-{index}"))
-            .find(|topic| shard_of(topic, 0, 2) == shard)
-            .expect("a topic on each shard")
-    };
-    let topics = [name_on(0), name_on(1)];
+    let topics = [0, 1].map(|shard| rill_tests::topic_on_shard("kafka-moving", shard));
     let mut kafka = Kafka::connect(address);
     for topic in &topics {
         // Sixteen produces in flight at once, so the connection moves with

@@ -51,19 +51,49 @@ const READ_BUFFER_BYTES: usize = 256 * 1024;
 /// allocated until the batch is appended, so small batches arriving one per
 /// read (a slow trickle of small produces) would each keep a read buffer
 /// alive; from this size on a batch holds at most 8 times its own size.
-pub(crate) const SHARED_BATCH_BYTES_MIN: usize = READ_BUFFER_BYTES / 8;
+const SHARED_BATCH_BYTES_MIN: usize = READ_BUFFER_BYTES / 8;
+
+/// `part` of `frame` (a produce's batch, or a whole produce request) as
+/// `Bytes` for its shard: a slice of the frame's read buffer when it is
+/// large, a copy when it is small ([`SHARED_BATCH_BYTES_MIN`]).
+pub(crate) fn batch_bytes(frame: &Bytes, part: &[u8]) -> Bytes {
+    if part.len() >= SHARED_BATCH_BYTES_MIN {
+        frame.slice_ref(part)
+    } else {
+        Bytes::copy_from_slice(part)
+    }
+}
 
 /// The listening sockets every shard accepts from.
 pub struct Listeners {
     pub native: std::net::TcpListener,
     pub kafka: std::net::TcpListener,
     pub mqtt: std::net::TcpListener,
-    /// Native connections other shards move to this one.
+    /// Native and Kafka connections other shards move to this one.
     pub arrived: mpsc::UnboundedReceiver<MovedConnection>,
 }
 
 /// The body of a shard thread: runtime, partitions, acceptor, storage task.
 pub fn shard_main(
+    index: usize,
+    shared: Arc<Shared>,
+    inbox: mpsc::UnboundedReceiver<ShardOp>,
+    listeners: Listeners,
+) -> anyhow::Result<()> {
+    if shared.config.node.pin_threads {
+        super::pin_to_core(index);
+    }
+    let mut selection = shared.driver.clone();
+    let runtime = build_runtime(&mut selection)?;
+    runtime.block_on(async move {
+        // Before anything is spawned: every task of this shard is woken from
+        // other threads through the relay (see `io::home`).
+        crate::io::home::install_relay();
+        crate::io::home::homed(serve_shard(index, shared, inbox, listeners)).await
+    })
+}
+
+async fn serve_shard(
     index: usize,
     shared: Arc<Shared>,
     inbox: mpsc::UnboundedReceiver<ShardOp>,
@@ -75,31 +105,6 @@ pub fn shard_main(
         mqtt,
         arrived,
     } = listeners;
-    if shared.config.node.pin_threads {
-        super::pin_to_core(index);
-    }
-    let mut selection = shared.driver.clone();
-    let runtime = build_runtime(&mut selection)?;
-    runtime.block_on(async move {
-        // Before anything is spawned: every task of this shard is woken from
-        // other threads through the relay (see `io::home`).
-        crate::io::home::install_relay();
-        let listeners = (listener, kafka, mqtt, arrived);
-        crate::io::home::homed(serve_shard(index, shared, inbox, listeners)).await
-    })
-}
-
-async fn serve_shard(
-    index: usize,
-    shared: Arc<Shared>,
-    inbox: mpsc::UnboundedReceiver<ShardOp>,
-    (listener, kafka, mqtt, arrived): (
-        std::net::TcpListener,
-        std::net::TcpListener,
-        std::net::TcpListener,
-        mpsc::UnboundedReceiver<MovedConnection>,
-    ),
-) -> anyhow::Result<()> {
     {
         let inbox_sender = shared.inboxes[index].clone();
         let mut storage = Storage::new(index as u32, shared.clone(), inbox_sender.clone());
@@ -249,13 +254,24 @@ pub(crate) async fn accept_loop<H, F>(
             continue;
         }
         let handler = make(shared.clone(), &stream, peer);
-        let serve = serve_connection(handler, stream, stopped.clone(), BytesMut::new());
-        crate::io::home::spawn(serve).detach();
+        spawn_serving(handler, stream, &stopped, BytesMut::new());
     }
 }
 
-/// Serves the native connections other shards move to this one, until the
-/// shard stops; a connection still queued then is dropped, which closes it.
+/// Serves a connection in a task of its own, from the bytes already read
+/// for it (`unread`: none for a new connection).
+fn spawn_serving<H: FrameHandler + 'static>(
+    handler: H,
+    stream: TcpStream,
+    stopped: &ShutdownSignal,
+    unread: BytesMut,
+) {
+    crate::io::home::spawn(serve_connection(handler, stream, stopped.clone(), unread)).detach();
+}
+
+/// Serves the native and Kafka connections other shards move to this one,
+/// until the shard stops; a connection still queued then is dropped, which
+/// closes it.
 async fn arrival_loop(
     mut arrived: mpsc::UnboundedReceiver<MovedConnection>,
     shared: Arc<Shared>,
@@ -287,8 +303,7 @@ async fn arrival_loop(
                 handler.handshaken = true;
                 handler.next_partition.set(next_partition);
                 handler.placement = Placement::arrived();
-                let serve = serve_connection(handler, stream, stopped.clone(), unread);
-                crate::io::home::spawn(serve).detach();
+                spawn_serving(handler, stream, &stopped, unread);
             }
             MovedProtocol::Kafka(moved) => {
                 let handler = crate::kafka::connection::KafkaConnection::arrived(
@@ -298,8 +313,7 @@ async fn arrival_loop(
                     slot,
                     moved,
                 );
-                let serve = serve_connection(handler, stream, stopped.clone(), unread);
-                crate::io::home::spawn(serve).detach();
+                spawn_serving(handler, stream, &stopped, unread);
             }
         }
     }
@@ -391,6 +405,9 @@ struct Connection {
     /// The shard serving this connection.
     shard: usize,
     placement: Placement,
+    /// The shard to move to before the next frame, once a run of produces
+    /// to another shard's partitions asked for it.
+    pending_move: Option<usize>,
     /// The connection's place under `connections_max`, handed on when it moves.
     slot: Option<ConnectionSlot>,
 }
@@ -473,9 +490,9 @@ pub(crate) enum MovedProtocol {
     Kafka(crate::kafka::connection::MovedKafka),
 }
 
-/// A plaintext native connection on its way to the shard that owns what it
-/// produces to: the socket, the bytes read but not yet handled (starting
-/// with the frame that made it move), and its place under `connections_max`.
+/// A plaintext native or Kafka connection on its way to the shard that owns
+/// what it produces to: the socket, the bytes read but not yet handled,
+/// and its place under `connections_max`.
 pub struct MovedConnection {
     pub(crate) stream: std::net::TcpStream,
     pub(crate) unread: BytesMut,
@@ -978,11 +995,11 @@ pub(crate) trait FrameHandler {
     /// and closes, with why it stopped.
     async fn finish(&mut self, _ended: Ended) {}
 
-    /// The shard this frame, and the connection with it, should move to
-    /// before the frame is handled; `None` to handle it here. Only a
+    /// The shard the connection should move to before its next frame is
+    /// handled, as the frames handled so far decided; `None` to stay. Only a
     /// handler whose connections can move ([`FrameHandler::hand_over`])
     /// answers anything but `None`, and never on a TLS connection.
-    fn shard_to_move_to(&mut self, _body: &[u8]) -> Option<usize> {
+    fn shard_to_move_to(&mut self) -> Option<usize> {
         None
     }
 
@@ -1071,7 +1088,7 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
             match H::split(&buffer, frame_bytes_max) {
                 Ok(Some((body, used))) => {
                     if tls.is_none()
-                        && let Some(shard) = handler.shard_to_move_to(body)
+                        && let Some(shard) = handler.shard_to_move_to()
                     {
                         moving = Some(shard);
                         break 'connection;
@@ -1165,7 +1182,7 @@ pub(crate) async fn serve_connection<H: FrameHandler>(
     }
     budget.give_back(accounted);
     if let Some(shard) = moving {
-        // Everything from the frame that made it move on is served there.
+        // Every frame read but not yet handled is served there.
         move_connection(
             handler,
             reader,
@@ -1264,29 +1281,10 @@ impl FrameHandler for Connection {
     /// A producer whose produces keep going to partitions of one other
     /// shard moves there: every batch would otherwise cross threads twice
     /// (to the owner and the answer back), which costs the broker more CPU
-    /// than writing the batch. Unknown topics, round-robin produces and
-    /// every other request leave the connection where it is.
-    fn shard_to_move_to(&mut self, body: &[u8]) -> Option<usize> {
-        if !self.handshaken || !moves_allowed(&self.shared) {
-            return None;
-        }
-        let Ok(RequestFrame {
-            request: Request::Produce { topic, target, .. },
-            ..
-        }) = RequestFrame::decode(body)
-        else {
-            return None;
-        };
-        let partitions = self.view.table.get(topic).map(|meta| meta.partitions);
-        let partition = match (target, partitions) {
-            (Target::Partition(partition), Some(partitions)) if partition < partitions => {
-                Some(partition)
-            }
-            (Target::Key(key), Some(partitions)) => Some(partition_for_key(key, partitions)),
-            _ => None,
-        };
-        let owner = partition.map(|partition| shard_of(topic, partition, self.shared.shards()));
-        self.placement.note_produce(owner, self.shard)
+    /// than writing the batch. The decision is taken as a produce is
+    /// handled ([`Connection::note_produce`]).
+    fn shard_to_move_to(&mut self) -> Option<usize> {
+        self.pending_move.take()
     }
 
     fn hand_over(mut self, stream: std::net::TcpStream, unread: BytesMut, shard: usize) {
@@ -1358,12 +1356,12 @@ impl FrameHandler for Connection {
                 acks,
                 batch,
             } => {
-                let batch = if batch.len() >= SHARED_BATCH_BYTES_MIN {
-                    body.slice_ref(batch)
-                } else {
-                    Bytes::copy_from_slice(batch)
-                };
+                // Only a named partition or key of a topic the connection
+                // already knew counts towards a move.
+                let placed = !matches!(target, Target::Any) && self.view.table.contains_key(topic);
+                let batch = batch_bytes(body, batch);
                 let pending = self.dispatch_produce(topic, target, acks, batch).await;
+                self.note_produce(topic, placed, &pending);
                 let task = self.finish_produce(correlation_id, acks, pending, started);
                 crate::io::home::spawn(task).detach();
             }
@@ -1443,7 +1441,26 @@ impl Connection {
             next_partition: Cell::new(0),
             shard,
             placement: Placement::default(),
+            pending_move: None,
         }
+    }
+
+    /// Notes where a produce went, for the move rule ([`Placement`]): its
+    /// partition's owner when `placed` and it was dispatched, else nothing.
+    fn note_produce(
+        &mut self,
+        topic: &str,
+        placed: bool,
+        pending: &Result<PendingAppend, OpError>,
+    ) {
+        if !moves_allowed(&self.shared) {
+            return;
+        }
+        let owner = match pending {
+            Ok((partition, _)) if placed => Some(shard_of(topic, *partition, self.shared.shards())),
+            _ => None,
+        };
+        self.pending_move = self.placement.note_produce(owner, self.shard);
     }
 
     fn send_frame(&self, frame: Vec<u8>) {

@@ -98,7 +98,7 @@ pub struct Shared {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub buffers: BufferBudget,
     inboxes: Vec<mpsc::UnboundedSender<ShardOp>>,
-    /// Where each shard takes in native connections moved to it.
+    /// Where each shard takes in native and Kafka connections moved to it.
     arrivals: Vec<mpsc::UnboundedSender<connection::MovedConnection>>,
     connections: AtomicU32,
     stats: Vec<Mutex<Vec<PartitionStats>>>,

@@ -119,13 +119,11 @@ pub fn decode_request_frame(body: &Bytes) -> Decoded {
     }
     // A large produce's records are decoded as slices of the frame, which
     // shares the connection's read buffer: they go to their shard without a
-    // copy and are dropped once appended. Every other request is decoded
-    // from a copy, since what it decodes to (names, ids) may be kept for
-    // long, and a small one because a slice keeps its whole read buffer.
-    let shared = api_key == ApiKey::Produce
-        && body.len() >= crate::broker::connection::SHARED_BATCH_BYTES_MIN;
-    let mut bytes = if shared {
-        body.clone()
+    // copy and are dropped once appended (`batch_bytes`). Every other
+    // request is decoded from a copy, since what it decodes to (names, ids)
+    // may be kept for long.
+    let mut bytes = if api_key == ApiKey::Produce {
+        crate::broker::connection::batch_bytes(body, body)
     } else {
         Bytes::copy_from_slice(body)
     };

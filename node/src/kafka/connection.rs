@@ -300,7 +300,7 @@ impl FrameHandler for KafkaConnection {
     /// A producer whose produces keep going to one other shard's
     /// partitions moves there before its next request, as a native one
     /// does; the decision is made when a produce is handled.
-    fn shard_to_move_to(&mut self, _body: &[u8]) -> Option<usize> {
+    fn shard_to_move_to(&mut self) -> Option<usize> {
         self.pending_move.take()
     }
 
